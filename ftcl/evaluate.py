@@ -1,0 +1,186 @@
+"""Evaluation of frozen pretrained features: weighted kNN and the linear probe.
+
+kNN (Wu et al., CVPR 2018, Sec. 3.4): cosine similarity to the training features; each of the k
+nearest neighbours votes for its class with weight exp(s / T).
+Linear probe (MoCo protocol): a linear classifier on frozen, pooled backbone features, SGD with
+lr 30, weight decay 0, cosine or step schedule; either on precomputed features (no augmentation,
+fast) or on RandomResizedCrop + flip views recomputed every epoch (the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ftcl.data.datasets import build_dataset
+from ftcl.data.views import eval_aug_batch, normalize
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_size: int = 512,
+                     num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Pooled backbone features (N x D, float32, on ``device``) and labels of ``dataset``."""
+    backbone.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for images, y in loader:
+        x = normalize(images.to(device, non_blocking=True), dataset.mean, dataset.std)
+        feats.append(backbone(x).float())
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> Tensor:
+    """Class scores (N_test x C) of the weighted kNN classifier.
+
+    score_c(x) = sum over the k most cosine-similar training features f_i with label c of
+    exp(cos(x, f_i) / T). Features are L2-normalised here; ``k`` is capped at the training size.
+    """
+    if train_feats.shape[0] != train_labels.shape[0]:
+        raise ValueError("train_feats and train_labels differ in length")
+    k = min(k, train_feats.shape[0])
+    train = F.normalize(train_feats, dim=1)
+    out = []
+    for start in range(0, test_feats.shape[0], chunk):
+        sim = F.normalize(test_feats[start : start + chunk], dim=1) @ train.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        out.append(votes)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent for each k below the number of classes (top-1 always)."""
+    result = {}
+    for k in ks:
+        if k == 1 or k < scores.shape[1]:
+            hit = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+            result[f"top{k}"] = 100.0 * hit.float().mean().item()
+    return result
+
+
+def _linear_lr(ecfg: Mapping, epoch: int) -> float:
+    import math
+
+    if ecfg["schedule"] == "step":
+        return ecfg["lr"] * 0.1 ** sum(epoch >= m for m in ecfg["milestones"])
+    return ecfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / ecfg["epochs"]))
+
+
+def feature_batches(features: Tensor, labels: Tensor, batch_size: int, gen: torch.Generator):
+    """A per-epoch factory of shuffled mini-batches of precomputed features."""
+
+    def epoch_batches(_epoch: int):
+        perm = torch.randperm(labels.shape[0], generator=gen).to(labels.device)
+        for start in range(0, labels.shape[0], batch_size):
+            idx = perm[start : start + batch_size]
+            yield features[idx], labels[idx]
+
+    return epoch_batches
+
+
+def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: torch.device,
+                 echo=print, seed: int = 0) -> nn.Linear:
+    """Fit a linear classifier with SGD + momentum (MoCo's linear protocol).
+
+    ``batches(epoch)`` yields ``(features, labels)`` mini-batches for one epoch: precomputed
+    features (``feature_batches``) or features of freshly augmented views.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    clf = nn.Linear(in_dim, num_classes).to(device)
+    with torch.no_grad():
+        clf.weight.copy_(torch.randn(clf.weight.shape, generator=gen) * 0.01)
+        clf.bias.zero_()
+    opt = torch.optim.SGD(clf.parameters(), lr=ecfg["lr"], momentum=ecfg["momentum"],
+                          weight_decay=ecfg["weight_decay"])
+    for epoch in range(ecfg["epochs"]):
+        for g in opt.param_groups:
+            g["lr"] = _linear_lr(ecfg, epoch)
+        total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+        for x, y in batches(epoch):
+            loss = F.cross_entropy(clf(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * y.shape[0]
+            n += y.shape[0]
+        if (epoch + 1) % max(1, ecfg["epochs"] // 10) == 0 or epoch + 1 == ecfg["epochs"]:
+            echo(f"[linear] epoch {epoch + 1}/{ecfg['epochs']} loss {total.item() / max(n, 1):.4f} "
+                 f"lr {opt.param_groups[0]['lr']:.4g} ({time.perf_counter() - t0:.1f} s)")
+    return clf
+
+
+def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torch.device, num_workers: int):
+    """Per-epoch batches of features of RandomResizedCrop + flip views (the paper's protocol)."""
+    loader = DataLoader(dataset, batch_size=ecfg["batch_size"], shuffle=True, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+
+    def epoch_batches(_epoch: int):
+        backbone.eval()
+        for images, y in loader:
+            images = images.to(device, non_blocking=True)
+            if dataset.crops_on_device:
+                x = eval_aug_batch(images, dataset.image_size, dataset.mean, dataset.std)
+            else:
+                x = normalize(images, dataset.mean, dataset.std)
+            with torch.no_grad():
+                feats = backbone(x).float()
+            yield feats, y.to(device)
+
+    return epoch_batches
+
+
+def linear_probe(backbone: nn.Module, cfg: Mapping, device: torch.device, echo=print) -> dict:
+    """Linear evaluation of ``backbone`` on ``cfg``'s dataset; returns accuracies and the protocol."""
+    ecfg = cfg["eval"]["linear"]
+    workers = int(cfg["data"]["num_workers"])
+    test = build_dataset(cfg["data"], "test", "eval")
+    test_x, test_y = extract_features(backbone, test, device, num_workers=workers)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    if ecfg["augment"]:
+        train = build_dataset(cfg["data"], "train", "eval_aug")
+        batches = _augmented_batches(backbone, train, ecfg, device, workers)
+    else:
+        train = build_dataset(cfg["data"], "train", "eval")
+        train_x, train_y = extract_features(backbone, train, device, num_workers=workers)
+        batches = feature_batches(train_x, train_y, ecfg["batch_size"], gen)
+    clf = train_linear(batches, test_x.shape[1], train.num_classes, ecfg, device, echo, cfg["seed"])
+    with torch.no_grad():
+        acc = topk_accuracy(clf(test_x), test_y)
+    protocol = {"kind": "linear", "epochs": ecfg["epochs"], "lr": ecfg["lr"], "schedule": ecfg["schedule"],
+                "weight_decay": ecfg["weight_decay"], "batch_size": ecfg["batch_size"],
+                "augment": ecfg["augment"], "features": "frozen pooled backbone",
+                "train_images": len(train), "test_images": len(test)}
+    return {**acc, "protocol": protocol}
+
+
+def knn_eval(backbone: nn.Module, cfg: Mapping, device: torch.device) -> dict:
+    """Weighted kNN accuracy of ``backbone``'s features on ``cfg``'s dataset."""
+    kcfg = cfg["eval"]["knn"]
+    train = build_dataset(cfg["data"], "train", "eval")
+    test = build_dataset(cfg["data"], "test", "eval")
+    train_x, train_y = extract_features(backbone, train, device, kcfg["batch_size"])
+    test_x, test_y = extract_features(backbone, test, device, kcfg["batch_size"])
+    scores = knn_predict(train_x, train_y, test_x, train.num_classes, kcfg["k"], kcfg["temperature"])
+    protocol = {"kind": "knn", "k": min(kcfg["k"], len(train)), "temperature": kcfg["temperature"],
+                "similarity": "cosine", "train_images": len(train), "test_images": len(test)}
+    return {**topk_accuracy(scores, test_y), "protocol": protocol}
+
+
+def write_result(result: Mapping, path: Path) -> None:
+    """Write a stage's result JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,74 @@
+"""The method interface: the seam that keeps the training loop generic.
+
+A method turns two batches of views into a loss plus the similarity scores the score recorder
+needs, declares its momentum (EMA) pairs, and may act after the optimiser step (e.g. enqueue keys).
+The loop owns the optimiser, AMP, EMA updates, checkpointing and logging; a method knows nothing
+about launchers, trackers or Snakemake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ftcl.registry import Registry
+
+METHODS: Registry[nn.Module] = Registry("method")
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns.
+
+    ``pos``: (B,) positive cosine scores as used in the loss (after any feature transform);
+    ``neg``: (B, K) negative cosine scores as used, or ``None`` for methods without negatives;
+    ``temperature``: the softmax temperature applied to them (for exp(s / tau) statistics).
+    """
+
+    loss: Tensor
+    pos: Tensor
+    neg: Tensor | None
+    temperature: float
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``self.backbone`` (the online backbone that is evaluated)."""
+
+    backbone: nn.Module
+
+    def training_step(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+        raise NotImplementedError
+
+    def forward(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+        """``training_step`` through ``__call__``, so DDP's gradient hooks see it."""
+        return self.training_step(view1, view2, epoch)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, target)`` module pairs the loop updates by EMA after each optimiser step."""
+        return []
+
+    def after_step(self) -> None:
+        """Called once after the optimiser step and the EMA update."""
+
+
+@torch.no_grad()
+def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """target <- m * target + (1 - m) * online for parameters (MoCo Eq. 2).
+
+    Buffers (BatchNorm running statistics) are not averaged: the target keeps its own, as in MoCo.
+    """
+    for online, target in pairs:
+        online_params = [p.detach() for p in online.parameters()]
+        target_params = list(target.parameters())
+        torch._foreach_mul_(target_params, momentum)
+        torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
+
+
+def build_method(cfg: Mapping, backbone: nn.Module) -> Method:
+    """The method named by ``cfg['method']['name']``, built around ``backbone``."""
+    import ftcl.methods.moco  # noqa: F401  (registers itself)
+
+    return METHODS.get(cfg["method"]["name"])(cfg, backbone)

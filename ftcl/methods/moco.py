@@ -1,0 +1,115 @@
+"""MoCo v1/v2 (He et al., CVPR 2020; Chen et al., 2020) with the feature transformation of
+Zhu et al. (ICCV 2021) between the projection head and the InfoNCE loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ftcl.methods.base import METHODS, Method, StepOutput
+from ftcl.models.heads import Encoder, ProjectionHead
+from ftcl.transforms.ft import FeatureTransform
+
+
+def info_nce(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
+    """InfoNCE with the positive at index 0 (MoCo Eq. 1).
+
+    ``pos``: (B,) positive scores, ``neg``: (B, K) negative scores, both cosine similarities.
+    Returns ``mean_b -log( exp(pos_b / t) / (exp(pos_b / t) + sum_k exp(neg_bk / t)) )``.
+    """
+    if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0]:
+        raise ValueError(f"expected pos (B,) and neg (B, K), got {tuple(pos.shape)} and {tuple(neg.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = torch.cat([pos[:, None], neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def gather_all(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every process (no gradient); identity when not distributed."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@METHODS.register("moco")
+class MoCo(Method):
+    """Query encoder, momentum key encoder and a queue of ``K`` unit keys (a K x D buffer).
+
+    One step: q = f_q(v1), k = f_k(v2) (no grad); ``FeatureTransform`` gives (q', k', negatives');
+    loss = InfoNCE(q'.k', q'.negatives'). After the optimiser step the *unmixed* keys k are
+    enqueued (``after_step``). Under DDP the keys are gathered from all processes and the key
+    encoder's batch is shuffled across processes (Shuffle-BN, MoCo Sec. 3.3).
+    """
+
+    def __init__(self, cfg: Mapping, backbone: nn.Module):
+        super().__init__()
+        m, model = cfg["method"], cfg["model"]
+        head = ProjectionHead(model["head"], backbone.out_dim, model["feature_dim"], model["hidden_dim"])
+        self.encoder_q = Encoder(backbone, head)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.temperature = float(m["temperature"])
+        self.shuffle_bn = bool(m["shuffle_bn"])
+        self.transform = FeatureTransform.from_config(cfg["ft"])
+        queue = F.normalize(torch.randn(int(m["queue_size"]), model["feature_dim"]), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._pending_keys: Tensor | None = None
+
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        return self.encoder_q.backbone
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder_q, self.encoder_k)]
+
+    @torch.no_grad()
+    def _keys(self, view: Tensor) -> Tensor:
+        if not (_distributed() and self.shuffle_bn):
+            return self.encoder_k(view)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        full = gather_all(view)
+        perm = torch.randperm(full.shape[0], device=view.device)
+        dist.broadcast(perm, src=0)
+        local = perm.view(world, -1)[rank]
+        keys = self.encoder_k(full[local])
+        keys_all = gather_all(keys)
+        unshuffle = torch.argsort(perm).view(world, -1)[rank]
+        return keys_all[unshuffle]
+
+    def training_step(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+        q = self.encoder_q(view1).float()
+        k = self._keys(view2).float()
+        q_t, k_t, negatives = self.transform(q, k, self.queue, epoch)
+        pos = (q_t * k_t).sum(dim=1)
+        neg = q_t @ negatives.T
+        self._pending_keys = k
+        return StepOutput(info_nce(pos, neg, self.temperature), pos, neg, self.temperature)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self._pending_keys is None:
+            return
+        keys = gather_all(self._pending_keys)
+        size = self.queue.shape[0]
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        if keys.shape[0] > size:  # a batch larger than the queue keeps its last K keys
+            keys, idx = keys[-size:], idx[-size:]
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+        self._pending_keys = None

@@ -1,0 +1,231 @@
+"""Aggregate plots over ablation rows and seeds (PNG via matplotlib's Agg canvas, seaborn styling).
+
+* ``accuracy.png``: one panel per metric; a point per seed and a bar at the mean of each row
+  (the dashed line is the baseline row's mean);
+* ``score_curves.png``: the positive score ``q·k+`` and the mean negative score ``mean_i q·n_i``
+  over training iterations, one line per row (mean over seeds, smoothed with a centred rolling
+  mean; the band spans the seeds), as in Fig. 2 of Zhu et al., ICCV 2021 (FT);
+* ``score_histograms.png``: the distributions of positive and negative scores at the last recorded
+  epoch, one panel per row (counts summed over seeds, each normalised to a density).
+
+Inputs are the frame of :func:`ftcl.aggregate.collect` (its ``run_dir`` column points at the run
+folders) and the files of the run-folder contract: ``pretrain/scores/epoch_XXXX.parquet`` and
+``pretrain/scores/hist_epoch_XXXX.parquet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+ACCURACY_METRICS: dict[str, str] = {
+    "linear_top1": "Linear top-1 accuracy (%)",
+    "knn_top1": "kNN top-1 accuracy (%)",
+    "det_AP50": "Detection AP50",
+    "det_AP": "Detection AP",
+}
+POS_COLOR, NEG_COLOR = "tab:blue", "tab:red"  # as the per-run plots of ftcl.scores
+DPI = 130
+SCORE_COLUMNS = ["epoch", "iteration", "pos_mean", "neg_mean"]
+
+
+def row_palette(rows: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per row, the same in every plot."""
+    colors = sns.color_palette("tab10" if len(rows) <= 10 else "husl", len(rows))
+    return dict(zip(rows, colors, strict=True))
+
+
+def _rows(frame: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(frame["row"]))
+
+
+def _figure(nrows: int, ncols: int, figsize: tuple[float, float], **kwargs) -> tuple[Figure, np.ndarray]:
+    """A pyplot-free figure (rendered by the Agg canvas; no global backend state) with a grid of axes."""
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=figsize, layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def accuracy_plot(frame: pd.DataFrame, path: str | Path, baseline: str | None = None) -> Path | None:
+    """Seeds as points and the mean as a bar, per row; one panel per metric with any value."""
+    metrics = [m for m in ACCURACY_METRICS if m in frame and frame[m].notna().any()]
+    if not metrics:
+        return None
+    rows = _rows(frame)
+    palette = row_palette(rows)
+    width = max(3.6, 0.75 * len(rows) + 1.6)
+    fig, axes = _figure(1, len(metrics), (width * len(metrics), 4.2))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        data = frame[["row", "seed", metric]].dropna()
+        sns.stripplot(data=data, x="row", y=metric, hue="row", order=rows, hue_order=rows, palette=palette,
+                      jitter=0.12, size=7, alpha=0.85, edgecolor="black", linewidth=0.6, legend=False, ax=ax)
+        means = data.groupby("row")[metric].mean()
+        if baseline is not None and baseline in means:
+            ax.axhline(means[baseline], color="grey", linestyle="--", linewidth=1, zorder=0)
+        ax.margins(y=0.25)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_xticks(range(len(rows)), rows)
+        for i, row in enumerate(rows):
+            if row in means:
+                ax.hlines(means[row], i - 0.3, i + 0.3, color=palette[row], linewidth=3)
+                ax.annotate(f"{means[row]:.2f}", (i, means[row]), xytext=(0, 5), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=8)
+            else:
+                ax.annotate("no result", (i, 0.02), xycoords=("data", "axes fraction"), ha="center",
+                            fontsize=8, color="grey")
+        ax.set_title(ACCURACY_METRICS[metric].split(" (")[0])
+        ax.set_xlabel("ablation row")
+        ax.set_ylabel(ACCURACY_METRICS[metric])
+        ax.tick_params(axis="x", labelrotation=20 if len(rows) > 3 else 0)
+    n_seeds = frame.groupby("row").size().max()
+    fig.suptitle(f"Accuracy per ablation row (points: {n_seeds} seeds, bar: mean"
+                 + (", dashed: baseline mean)" if baseline else ")"))
+    return _save(fig, Path(path))
+
+
+def _scores_of(run_dir: str | Path) -> pd.DataFrame | None:
+    files = sorted((Path(run_dir) / "pretrain" / "scores").glob("epoch_*.parquet"))
+    if not files:
+        return None
+    data = pd.concat([pd.read_parquet(f, columns=SCORE_COLUMNS) for f in files], ignore_index=True)
+    return data.sort_values("iteration").drop_duplicates("iteration", keep="last")
+
+
+def smooth(values: pd.Series, window: int) -> pd.Series:
+    """Centred rolling mean over ``window`` iterations (shorter at the ends)."""
+    return values.rolling(window, center=True, min_periods=1).mean()
+
+
+def score_curves_plot(frame: pd.DataFrame, path: str | Path, smooth_fraction: float = 0.02) -> Path | None:
+    """Positive and mean negative score over training, one line per row (mean over seeds, smoothed).
+
+    Each seed's curve is smoothed over ``max(1, smooth_fraction * iterations)`` iterations; the line
+    is the mean over seeds at each iteration and the band the range of the seeds.
+    """
+    rows = _rows(frame)
+    palette = row_palette(rows)
+    curves: dict[str, pd.DataFrame] = {}
+    for row in rows:
+        per_seed = []
+        for seed, run_dir in frame.loc[frame["row"] == row, ["seed", "run_dir"]].itertuples(index=False):
+            scores = _scores_of(run_dir)
+            if scores is None:
+                log.warning("no score files for row %r seed %s under %s", row, seed, run_dir)
+                continue
+            window = max(1, int(round(smooth_fraction * len(scores))))
+            per_seed.append(pd.DataFrame({
+                "iteration": scores["iteration"].to_numpy(),
+                "pos_mean": smooth(scores["pos_mean"], window).to_numpy(),
+                "neg_mean": smooth(scores["neg_mean"], window).to_numpy(),
+            }))
+        if per_seed:
+            curves[row] = pd.concat(per_seed).groupby("iteration").agg(["mean", "min", "max", "count"])
+    if not curves:
+        return None
+    fig, grid = _figure(1, 2, (12, 4.2), sharex=True)
+    axes = grid[0]
+    panels = {"pos_mean": "Positive score  q·k⁺", "neg_mean": "Mean negative score  mean(q·n)"}
+    for ax, (column, title) in zip(axes, panels.items(), strict=True):
+        for row, curve in curves.items():
+            x = curve.index.to_numpy()
+            ax.plot(x, curve[(column, "mean")], color=palette[row], linewidth=1.6, label=row)
+            if curve[(column, "count")].max() > 1:
+                ax.fill_between(x, curve[(column, "min")], curve[(column, "max")], color=palette[row],
+                                alpha=0.18, linewidth=0)
+        ax.set_title(title)
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel("cosine similarity")
+    axes[0].legend(title="row", fontsize=8, title_fontsize=9, loc="best")
+    fig.suptitle(f"Score curves during pretraining (mean over seeds, smoothed over {smooth_fraction:.0%} of "
+                 "the iterations; band: seed range)")
+    return _save(fig, Path(path))
+
+
+def _last_histograms(frame: pd.DataFrame, row: str) -> tuple[pd.DataFrame, int] | None:
+    """The row's histogram at its last recorded epoch, counts summed over the seeds that have it."""
+    found: dict[int, list[pd.DataFrame]] = {}
+    for seed, run_dir in frame.loc[frame["row"] == row, ["seed", "run_dir"]].itertuples(index=False):
+        files = sorted((Path(run_dir) / "pretrain" / "scores").glob("hist_epoch_*.parquet"))
+        if not files:
+            log.warning("no score histograms for row %r seed %s under %s", row, seed, run_dir)
+            continue
+        hist = pd.read_parquet(files[-1])
+        if "epoch" in hist and len(hist):
+            epoch = int(hist["epoch"].iloc[0])
+        else:
+            epoch = int(files[-1].stem.rsplit("_", 1)[1])
+        found.setdefault(epoch, []).append(hist.sort_values("bin_left").reset_index(drop=True))
+    if not found:
+        return None
+    epoch = max(found)
+    hists = found[epoch]
+    total = hists[0][["bin_left", "bin_right", "pos_count", "neg_count"]].astype(float).copy()
+    for other in hists[1:]:
+        if len(other) != len(total) or not np.allclose(other["bin_left"], total["bin_left"]):
+            log.warning("row %r: a seed's histogram bins differ from the first seed's; it is left out", row)
+            continue
+        total[["pos_count", "neg_count"]] += other[["pos_count", "neg_count"]].to_numpy()
+    return total, epoch
+
+
+def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4) -> Path | None:
+    """Small multiples: per row, positive and negative score densities at the last recorded epoch."""
+    hists = {row: h for row in _rows(frame) if (h := _last_histograms(frame, row)) is not None}
+    if not hists:
+        return None
+    ncols = min(max_columns, len(hists))
+    nrows = math.ceil(len(hists) / ncols)
+    lows, highs = [], []
+    for total, _ in hists.values():
+        used = total[(total["pos_count"] > 0) | (total["neg_count"] > 0)]
+        if len(used):
+            lows.append(used["bin_left"].min())
+            highs.append(used["bin_right"].max())
+    fig, axes = _figure(nrows, ncols, (3.6 * ncols, 3.0 * nrows), sharex=True)
+    for ax, (row, (total, epoch)) in zip(axes.flat, hists.items(), strict=False):
+        edges = np.append(total["bin_left"].to_numpy(), total["bin_right"].iloc[-1])
+        widths = (total["bin_right"] - total["bin_left"]).to_numpy()
+        sides = (("neg_count", NEG_COLOR, "negatives"), ("pos_count", POS_COLOR, "positives"))
+        for column, color, label in sides:
+            counts = total[column].to_numpy()
+            density = counts / (counts.sum() * widths) if counts.sum() > 0 else counts
+            ax.stairs(density, edges, fill=True, color=color, alpha=0.35)
+            ax.stairs(density, edges, color=color, linewidth=1.2, label=label)
+        ax.set_title(f"{row} · epoch {epoch}", fontsize=10)
+        ax.set_xlabel("cosine score")
+        ax.set_ylabel("density")
+    for ax in list(axes.flat)[len(hists):]:
+        ax.set_visible(False)
+    if lows:
+        pad = 0.03 * (max(highs) - min(lows))
+        axes[0, 0].set_xlim(min(lows) - pad, max(highs) + pad)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Score distributions at the last recorded epoch (seeds pooled, each side normalised)")
+    return _save(fig, Path(path))
+
+
+def make_plots(frame: pd.DataFrame, plots_dir: str | Path, baseline: str | None = None) -> dict[str, Path]:
+    """Write every aggregate plot that has data; returns ``{title: path}`` in display order."""
+    plots_dir = Path(plots_dir)
+    made: Mapping[str, Path | None] = {
+        "Accuracy per row": accuracy_plot(frame, plots_dir / "accuracy.png", baseline),
+        "Score curves over training": score_curves_plot(frame, plots_dir / "score_curves.png"),
+        "Score distributions at the last epoch": histograms_plot(frame, plots_dir / "score_histograms.png"),
+    }
+    return {title: path for title, path in made.items() if path is not None}

@@ -1,0 +1,277 @@
+"""The pretraining loop: data -> views -> method -> optimiser, with checkpoint/resume and progress.
+
+It knows no specific method (see ``ftcl.methods.base``), no launcher and no tracker: metrics and
+files go to a ``RunLogger`` the caller passes in (``ftcl.tracking.Tracker`` in the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ftcl import checkpoint as ckpt
+from ftcl.config import dump
+from ftcl.data.datasets import build_dataset
+from ftcl.data.views import TwoViews
+from ftcl.methods.base import build_method, ema_update
+from ftcl.models.backbones import build_backbone
+from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class RunLogger(Protocol):
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+
+class NullLogger:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+
+def learning_rate(cfg: Mapping, epoch: int, it: int, iters: int) -> float:
+    """lr at iteration ``it`` of ``epoch``: linear scaling (lr_per_256 * B / 256), linear warm-up,
+    then cosine per epoch down to ``eta_min = lr * eta_min_ratio`` (MoCo v2 / FT schedule)."""
+    o = cfg["optim"]
+    base = o["lr_per_256"] * o["batch_size"] * _world_size() / 256
+    if epoch < o["warmup_epochs"]:
+        return base * (epoch * iters + it + 1) / (o["warmup_epochs"] * iters)
+    if o["schedule"] == "constant":
+        return base
+    eta_min = base * o["eta_min_ratio"]
+    span = max(1, o["epochs"] - o["warmup_epochs"])
+    return eta_min + (base - eta_min) * 0.5 * (1 + math.cos(math.pi * (epoch - o["warmup_epochs"]) / span))
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun / submitit env vars when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _rank(), _world_size()
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but no CUDA device is visible (use device: auto or cpu)")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _loader(dataset, cfg: Mapping, device: torch.device, seed: int) -> DataLoader:
+    sampler = DistributedSampler(dataset, seed=seed, drop_last=True) if _world_size() > 1 else None
+    workers = int(cfg["data"]["num_workers"]) if not dataset.crops_on_device else 0
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=cfg["optim"]["batch_size"], shuffle=sampler is None, sampler=sampler,
+        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, generator=g,
+    )
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None, echo=print) -> dict:
+    """Pretrain ``cfg``'s method into ``out_dir``, resuming from its last good checkpoint.
+
+    Returns the summary also written to ``out_dir/pretrain.json`` (written last: its presence means
+    the run is complete). Raises ``NonFiniteLossError`` on a NaN/inf loss, before any checkpoint
+    of the broken state is written.
+    """
+    out_dir, logger = Path(out_dir), logger or NullLogger()
+    rank, world = setup_distributed()
+    main = rank == 0
+    device = select_device(cfg["device"])
+    seed_everything(cfg["seed"] + rank)
+    ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"
+    if main:
+        dump(cfg, out_dir / "config.yaml")
+
+    data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
+    loader = _loader(data, cfg, device, cfg["seed"])
+    iters = len(loader)
+    if iters == 0:
+        raise ValueError(
+            f"optim.batch_size={cfg['optim']['batch_size']} x {world} process(es) is larger than the "
+            f"{len(data)} training images: lower optim.batch_size or use more data"
+        )
+    views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
+                     tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
+    method = build_method(cfg, build_backbone(cfg["model"], data.channels)).to(device)
+    channels_last = cfg["optim"]["channels_last"] and device.type == "cuda"
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg["optim"]["momentum"],
+                                weight_decay=cfg["optim"]["weight_decay"])
+    model = method
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["optim"]["compile"]:
+        method.encoder_q = torch.compile(method.encoder_q)  # type: ignore[assignment]
+
+    start_epoch, iteration = 0, 0
+    state = ckpt.latest_good(ckpt_dir, map_location=device, warn=echo) if ckpt_dir.exists() else None
+    if state is not None:
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start_epoch, iteration = state["epoch"], state["iteration"]
+        echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{cfg['optim']['epochs']}")
+
+    amp = cfg["optim"]["amp"] and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    scfg = cfg["scores"]
+    recorder = ScoreRecorder(iters, cfg["optim"]["epochs"], scfg["histogram_epochs"], scfg["histogram_every"],
+                             scfg["bins"], device) if scfg["enabled"] else None
+    m_ema = float(cfg["method"]["momentum"])
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    echo(f"[pretrain] {cfg['method']['name']} {cfg['model']['backbone']}(width {cfg['model']['width']}) on "
+         f"{cfg['data']['dataset']} ({len(data)} images, {iters} it/epoch, device {device}, world {world}); "
+         f"checkpoints in {ckpt_dir}")
+    summary: dict = {}
+    for epoch in range(start_epoch, cfg["optim"]["epochs"]):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        method.train()
+        if recorder:
+            recorder.start_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        lrs: list[float] = []
+        t0 = time.perf_counter()
+        for i, (images, _) in enumerate(loader):
+            lr = learning_rate(cfg, epoch, i, iters)
+            lrs.append(lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device, non_blocking=True)
+            v1, v2 = views(images)
+            if channels_last:
+                v1 = v1.contiguous(memory_format=torch.channels_last)
+                v2 = v2.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                out = model(v1, v2, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            ema_update(method.momentum_pairs(), m_ema)
+            method.after_step()
+            loss = out.loss.detach()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), iteration, bad_step)
+            loss_sum += loss
+            if recorder:
+                recorder.record(i, loss, out.pos, out.neg, out.temperature)
+            iteration += 1
+            if main and cfg["log_every"] and (i + 1) % cfg["log_every"] == 0:
+                _check_finite(bad_step, epoch)
+                echo(f"[pretrain] epoch {epoch + 1} it {i + 1}/{iters} loss {loss.item():.4f} lr {lr:.4g}")
+        _check_finite(bad_step, epoch)
+        seconds = time.perf_counter() - t0
+        metrics = {"pretrain/loss": float(loss_sum.item() / iters), "pretrain/lr": lrs[-1],
+                   "pretrain/images_per_s": iters * cfg["optim"]["batch_size"] * world / seconds,
+                   "pretrain/epoch_seconds": seconds}
+        if recorder and main:
+            stats = recorder.flush(epoch, iteration - iters, lrs, score_dir)
+            metrics.update({f"scores/{k}": v for k, v in stats.items() if k != "loss"})
+        if main:
+            ckpt.save_epoch({
+                "epoch": epoch + 1, "iteration": iteration, "config": dict(cfg), "in_channels": data.channels,
+                "backbone": method.backbone.state_dict(), "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+            }, ckpt_dir, cfg["checkpoint"]["keep"])
+            logger.log_metrics(metrics, step=epoch + 1)
+            echo(_progress_line(epoch, cfg["optim"]["epochs"], metrics))
+        summary = metrics
+    if main:
+        summary = _finish(cfg, out_dir, score_dir, summary, logger)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        raise NonFiniteLossError(
+            f"loss became NaN/inf at iteration {step} (epoch {epoch + 1}); the run stopped and the last good "
+            "checkpoint was kept (try a lower optim.lr_per_256, or optim.amp: false)"
+        )
+
+
+def _progress_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
+    scores = ""
+    if "scores/pos_mean" in m:
+        scores = f" pos {m['scores/pos_mean']:.3f} neg {m['scores/neg_mean']:.3f}"
+    return (f"[pretrain] epoch {epoch + 1}/{epochs} loss {m['pretrain/loss']:.4f} lr {m['pretrain/lr']:.4g}"
+            f"{scores} {m['pretrain/images_per_s']:.0f} img/s ({m['pretrain/epoch_seconds']:.1f} s)")
+
+
+def _finish(cfg: Mapping, out_dir: Path, score_dir: Path, last: dict, logger: RunLogger) -> dict:
+    """Plots, artifacts and ``pretrain.json`` (written last)."""
+    done = out_dir / "pretrain.json"
+    if done.is_file() and not last:  # nothing was trained in this call: the run was already complete
+        return json.loads(done.read_text())
+    if score_dir.exists():
+        stats, hists = load_scores(score_dir)
+        if not stats.empty:
+            plot_score_curves(stats, score_dir / "score_curves.png", f"{cfg['experiment']}: score curves")
+            plot_histograms(hists, score_dir / "score_histograms.png", cfg["scores"]["plot_epochs"],
+                            f"{cfg['experiment']}: pos/neg scores")
+        logger.log_artifact(score_dir, "score_distribution")
+    logger.log_artifact(out_dir / "config.yaml", "config")
+    summary = {"epochs": cfg["optim"]["epochs"], **last, "checkpoint": str(out_dir / "checkpoints" / ckpt.LAST)}
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(done)
+    return summary

@@ -1,0 +1,44 @@
+"""Score statistics: reduced on the device to the paper's five numbers, flushed per epoch."""
+
+import pandas as pd
+import pytest
+import torch
+
+from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves, score_statistics
+
+
+def test_statistics_match_numpy():
+    pos = torch.tensor([0.9, 0.5])
+    neg = torch.tensor([[0.1, 0.3, -0.2], [0.0, 0.4, 0.2]])
+    t = 0.2
+    stats = score_statistics(pos, neg, t).tolist()
+    n = neg.numpy()
+    assert stats[0] == pytest.approx(0.7)
+    assert stats[1] == pytest.approx(n.mean())
+    assert stats[2] == pytest.approx(n.var(axis=1, ddof=1).mean(), rel=1e-5)
+    assert stats[3] == pytest.approx(torch.exp(pos / t).mean().item(), rel=1e-6)
+    assert stats[4] == pytest.approx(torch.exp(neg / t).mean().item(), rel=1e-6)
+
+
+def test_methods_without_negatives_give_nan_negative_statistics():
+    stats = score_statistics(torch.tensor([0.5, 0.7]), None, 0.2)
+    assert stats[0].item() == pytest.approx(0.6) and torch.isnan(stats[1])
+
+
+def test_recorder_writes_one_row_per_iteration_and_histograms(tmp_path):
+    rec = ScoreRecorder(iters_per_epoch=4, total_epochs=2, histogram_epochs=[-1], histogram_every=2, bins=10,
+                        device=torch.device("cpu"))
+    for epoch in range(2):
+        rec.start_epoch(epoch)
+        for i in range(4):
+            rec.record(i, torch.tensor(1.0 + i), torch.full((3,), 0.5), torch.full((3, 5), -0.15), 0.2)
+        means = rec.flush(epoch, epoch * 4, [0.1] * 4, tmp_path)
+    assert means["pos_mean"] == pytest.approx(0.5) and means["loss"] == pytest.approx(2.5)
+    stats, hists = load_scores(tmp_path)
+    assert list(stats["iteration"]) == list(range(8))
+    assert set(hists["epoch"]) == {1}  # only the last epoch was histogrammed
+    assert hists["pos_count"].sum() == 6 and hists["neg_count"].sum() == 30  # iterations 0 and 2
+    assert hists.loc[hists["pos_count"] > 0, "bin_left"].item() == pytest.approx(0.4)
+    assert plot_score_curves(stats, tmp_path / "c.png").stat().st_size > 10_000
+    assert plot_histograms(hists, tmp_path / "h.png", [-1]).stat().st_size > 5_000
+    assert isinstance(stats, pd.DataFrame)

@@ -1,0 +1,92 @@
+"""Pretraining end to end on real data: it learns, it records scores, it resumes after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ftcl import checkpoint as ckpt
+from ftcl import config
+from ftcl.evaluate import knn_eval, linear_probe
+from ftcl.train import NonFiniteLossError, pretrain
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def small_fmnist(tmp_path: Path, **extra) -> dict:
+    return config.resolve(overrides={
+        "data.dataset": "fashion-mnist", "data.train_subset": 2048, "data.test_subset": 1000,
+        "model.width": 16, "method.queue_size": 1024, "optim.epochs": 4, "optim.batch_size": 128,
+        "optim.lr_per_256": 0.06, "tracking.enabled": False, "log_every": 1000,
+        "eval.linear.epochs": 20, "eval.linear.lr": 1.0, "eval.knn.k": 50, **extra,
+    })
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist (apt-get install it)")
+def test_short_pretraining_learns_features_well_above_chance(tmp_path):
+    cfg = small_fmnist(tmp_path, **{"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"})
+    pretrain(cfg, tmp_path, echo=lambda *_: None)
+    stats = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "scores").glob("epoch_*.parquet")))
+    per_epoch = stats.groupby("epoch")["loss"].mean()
+    # The first epoch's queue still holds random keys; from the second on the loss must fall.
+    assert per_epoch.iloc[-1] < per_epoch.iloc[1] - 0.1, per_epoch.to_dict()
+    assert len(stats) == 4 * (2048 // 128) and stats["iteration"].is_monotonic_increasing
+    assert stats[["pos_mean", "neg_mean", "neg_var"]].notna().all().all()
+    backbone, _ = ckpt.load_backbone(tmp_path)
+    knn = knn_eval(backbone, cfg, torch.device("cpu"))
+    linear = linear_probe(backbone, cfg, torch.device("cpu"), echo=lambda *_: None)
+    assert knn["top1"] > 45 and linear["top1"] > 45  # chance is 10 %
+    assert (tmp_path / "scores" / "score_curves.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "pretrain.json").read_text())["epochs"] == 4
+
+
+def _pretrain_cmd(out: Path, epochs: int) -> list[str]:
+    sets = {"data.dataset": "digits", "data.image_size": 32, "model.width": 16, "method.queue_size": 256,
+            "optim.epochs": epochs, "optim.batch_size": 64, "tracking.enabled": False, "log_every": 1000}
+    return [sys.executable, "-m", "ftcl.cli", "pretrain", "--out", str(out),
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def test_killed_run_resumes_without_redoing_finished_epochs(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(_pretrain_cmd(tmp_path, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoints" / "epoch_0001.pt").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = ckpt.latest_good(tmp_path / "checkpoints")["epoch"]
+    assert 1 <= done_before < 3 and not (tmp_path / "pretrain.json").exists()
+
+    second = subprocess.run(_pretrain_cmd(tmp_path, 3), capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resumed from {tmp_path / 'checkpoints'} at epoch {done_before}/3" in second.stdout
+    trained = [line for line in second.stdout.splitlines() if line.startswith("[pretrain] epoch ")]
+    assert [line.split()[2] for line in trained] == [f"{e}/3" for e in range(done_before + 1, 4)]
+    final = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert final["epoch"] == 3
+    iterations = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "scores").glob("epoch_*.parquet")))
+    assert list(iterations["iteration"]) == list(range(len(iterations)))  # no gap, no repeat
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = config.resolve(overrides={"data.dataset": "digits", "model.width": 8, "model.small_stem": True,
+                                    "method.queue_size": 128, "optim.epochs": 2, "optim.batch_size": 64,
+                                    "tracking.enabled": False, "log_every": 1000})
+    pretrain(cfg, tmp_path, echo=lambda *_: None)
+    good = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    cfg = config.resolve(overrides={"optim.epochs": 3, "optim.lr_per_256": 1e30, "log_every": 1}, base=cfg)
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at iteration \d+ \(epoch 3\)"):
+        pretrain(cfg, tmp_path, echo=lambda *_: None)
+    after = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert after["epoch"] == good["epoch"] == 2
