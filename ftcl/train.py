@@ -25,7 +25,7 @@ from ftcl import checkpoint as ckpt
 from ftcl.config import dump
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
-from ftcl.methods.base import build_method, ema_update
+from ftcl.methods.base import Method, StepOutput, build_method, ema_update
 from ftcl.models.backbones import build_backbone
 from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves
 
@@ -121,6 +121,62 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainStep:
+    """One optimisation step: views -> method (loss) -> backward -> SGD -> EMA -> ``after_step``.
+
+    Shared by the training loop and the benchmarks so both time exactly the same work. Nothing in
+    a step synchronises with the host: the returned loss stays on the device.
+    """
+
+    def __init__(self, method: Method, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 views: TwoViews, ema_momentum: float, amp: bool, channels_last: bool):
+        self.method, self.model, self.optimizer, self.views = method, model, optimizer, views
+        self.ema_momentum, self.channels_last = ema_momentum, channels_last
+        self.device = next(method.parameters()).device
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+
+    @classmethod
+    def build(cls, cfg: Mapping, data, device: torch.device, world: int = 1) -> TrainStep:
+        """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean, std."""
+        views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
+                         tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
+        method = build_method(cfg, build_backbone(cfg["model"], data.channels)).to(device)
+        channels_last = cfg["optim"]["channels_last"] and device.type == "cuda"
+        if channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        params = [p for p in method.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg["optim"]["momentum"],
+                                    weight_decay=cfg["optim"]["weight_decay"])
+        model: torch.nn.Module = method
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                method, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg["optim"]["compile"]:  # in place: state-dict keys stay those of the plain modules
+            for module in method.children():
+                if any(True for _ in module.parameters()):
+                    module.compile()
+        amp = cfg["optim"]["amp"] and device.type == "cuda"
+        return cls(method, model, optimizer, views, float(cfg["method"]["momentum"]), amp, channels_last)
+
+    def __call__(self, images: torch.Tensor, epoch: int, lr: float) -> StepOutput:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(self.device, non_blocking=True)
+        v1, v2 = self.views(images)
+        if self.channels_last:
+            v1 = v1.contiguous(memory_format=torch.channels_last)
+            v2 = v2.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            out = self.model(v1, v2, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        ema_update(self.method.momentum_pairs(), self.ema_momentum)
+        self.method.after_step()
+        out.loss = out.loss.detach()
+        return out
+
+
 def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None, echo=print) -> dict:
     """Pretrain ``cfg``'s method into ``out_dir``, resuming from its last good checkpoint.
 
@@ -145,21 +201,8 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
             f"optim.batch_size={cfg['optim']['batch_size']} x {world} process(es) is larger than the "
             f"{len(data)} training images: lower optim.batch_size or use more data"
         )
-    views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
-                     tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
-    method = build_method(cfg, build_backbone(cfg["model"], data.channels)).to(device)
-    channels_last = cfg["optim"]["channels_last"] and device.type == "cuda"
-    if channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg["optim"]["momentum"],
-                                weight_decay=cfg["optim"]["weight_decay"])
-    model = method
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["optim"]["compile"]:
-        method.encoder_q = torch.compile(method.encoder_q)  # type: ignore[assignment]
+    step = TrainStep.build(cfg, data, device, world)
+    method, optimizer = step.method, step.optimizer
 
     start_epoch, iteration = 0, 0
     state = ckpt.latest_good(ckpt_dir, map_location=device, warn=echo) if ckpt_dir.exists() else None
@@ -170,12 +213,9 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         start_epoch, iteration = state["epoch"], state["iteration"]
         echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{cfg['optim']['epochs']}")
 
-    amp = cfg["optim"]["amp"] and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     scfg = cfg["scores"]
     recorder = ScoreRecorder(iters, cfg["optim"]["epochs"], scfg["histogram_epochs"], scfg["histogram_every"],
                              scfg["bins"], device) if scfg["enabled"] else None
-    m_ema = float(cfg["method"]["momentum"])
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     echo(f"[pretrain] {cfg['method']['name']} {cfg['model']['backbone']}(width {cfg['model']['width']}) on "
          f"{cfg['data']['dataset']} ({len(data)} images, {iters} it/epoch, device {device}, world {world}); "
@@ -193,21 +233,8 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         for i, (images, _) in enumerate(loader):
             lr = learning_rate(cfg, epoch, i, iters)
             lrs.append(lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True)
-            v1, v2 = views(images)
-            if channels_last:
-                v1 = v1.contiguous(memory_format=torch.channels_last)
-                v2 = v2.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                out = model(v1, v2, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            ema_update(method.momentum_pairs(), m_ema)
-            method.after_step()
-            loss = out.loss.detach()
+            out = step(images, epoch, lr)
+            loss = out.loss
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), iteration, bad_step)
             loss_sum += loss
             if recorder:

@@ -1,0 +1,114 @@
+"""Benchmarks that print ratios measured in one run (never absolute pass/fail timings).
+
+    .venv/bin/python benchmarks/bench.py                 # CPU demo model (what CI sees)
+    .venv/bin/python benchmarks/bench.py --gpu           # ResNet-50, 224 px, K=65536, bf16, on one GPU
+
+Section "methods": training images/s of plain MoCo, MoCo + FT and MoCo + FT + score recording,
+each as a ratio to plain MoCo. The variants are timed in interleaved rounds (A B C A B C ...) on
+the same batch so that machine noise hits all of them alike; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ftcl import config
+from ftcl.scores import ScoreRecorder
+from ftcl.train import TrainStep
+
+CPU_MODEL = {"model.width": 16, "model.small_stem": False, "method.queue_size": 4096, "model.feature_dim": 64,
+             "optim.batch_size": 256, "optim.amp": False, "optim.channels_last": False}
+GPU_MODEL = {"model.backbone": "resnet50", "model.width": 64, "method.queue_size": 65536, "model.feature_dim": 128,
+             "optim.batch_size": 256, "optim.amp": True, "optim.channels_last": True}
+FT = {"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"}
+
+
+@dataclass
+class SyntheticImages:
+    """What ``TrainStep.build`` needs to know about a dataset, for a uint8 batch made here."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crops_on_device: bool = True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: torch.Tensor, data,
+                  device: torch.device, steps: int, rounds: int) -> dict[str, float]:
+    """images/s per variant: ``{name: (overrides, record_scores)}``, interleaved rounds, median."""
+    runners = {}
+    for name, (overrides, record) in variants.items():
+        cfg = config.resolve(overrides={**base, **overrides})
+        torch.manual_seed(0)
+        step = TrainStep.build(cfg, data, device)
+        recorder = ScoreRecorder(steps, 1, [0], 10, 100, device) if record else None
+        runners[name] = (step, recorder)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 1):  # round 0 warms up (allocator, cuDNN autotuning, queue fill)
+        order = list(variants)[r % len(variants):] + list(variants)[: r % len(variants)]
+        for name in order:
+            step, recorder = runners[name]
+            if recorder:
+                recorder.start_epoch(0)
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                out = step(images, 0, 0.03)
+                if recorder:
+                    recorder.record(i, out.loss, out.pos, out.neg, out.temperature)
+            _sync(device)
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    return {name: steps * images.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="ResNet-50 224 px K=65536 bf16 on CUDA")
+    parser.add_argument("--steps", type=int, default=None, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA device visible")
+        device, base, size, channels = torch.device("cuda"), GPU_MODEL, 224, 3
+        torch.backends.cudnn.benchmark = True
+        steps = args.steps or 20
+        desc = f"ResNet-50, 224 px, K=65536, batch 256, bf16 + channels_last on {torch.cuda.get_device_name()}"
+    else:
+        device, base, size, channels = torch.device("cpu"), CPU_MODEL, 28, 1
+        steps = args.steps or 4
+        desc = (f"ResNet-18 width 16, 28 px, K=4096, batch 256 on CPU ({torch.get_num_threads()} threads, "
+                f"{platform.processor() or platform.machine()})")
+    data = SyntheticImages(size, channels, (0.5,) * channels, (0.25,) * channels)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, channels, size, size), dtype=torch.uint8, generator=gen).to(device)
+    variants = {
+        "moco": ({}, False),
+        "moco+ft": (FT, False),
+        "moco+ft+scores": (FT, True),
+        "moco+scores": ({}, True),
+    }
+    print(f"# methods: {desc}; {args.rounds} interleaved rounds of {steps} steps, median")
+    ips = bench_methods(base, variants, images, data, device, steps, args.rounds)
+    ref = ips["moco"]
+    print(f"{'variant':<18}{'images/s':>12}{'ratio to moco':>16}")
+    for name, value in ips.items():
+        print(f"{name:<18}{value:>12.1f}{value / ref:>16.3f}")
+
+
+if __name__ == "__main__":
+    main()
