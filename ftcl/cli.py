@@ -57,7 +57,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     with Tracker(cfg, args.out, "pretrain", rank=rank) as tracker:
         tracker.log_params(flatten(cfg))
         summary = pretrain(cfg, args.out, tracker)
-    print(f"[pretrain] done: {args.out / 'pretrain.json'} ({summary.get('epochs')} epochs)")
+    if rank == 0:
+        print(f"[pretrain] done: {args.out / 'pretrain.json'} ({summary.get('epochs')} epochs)")
     return 0
 
 

@@ -187,6 +187,8 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     out_dir, logger = Path(out_dir), logger or NullLogger()
     rank, world = setup_distributed()
     main = rank == 0
+    if not main:
+        echo = _silent
     device = select_device(cfg["device"])
     seed_everything(cfg["seed"] + rank)
     ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"
@@ -265,6 +267,10 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     if world > 1:
         dist.barrier()
     return summary
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:

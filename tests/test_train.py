@@ -90,3 +90,16 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         pretrain(cfg, tmp_path, echo=lambda *_: None)
     after = ckpt.load(tmp_path / "checkpoints" / "last.pt")
     assert after["epoch"] == good["epoch"] == 2
+
+
+def test_ddp_with_torchrun_trains_two_processes_into_one_run(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ftcl.cli", "pretrain", "--out", str(tmp_path),
+           "--set", "data.dataset=digits", "--set", "model.width=8", "--set", "model.small_stem=true",
+           "--set", "method.queue_size=256", "--set", "optim.epochs=2", "--set", "optim.batch_size=32",
+           "--set", "tracking.enabled=false"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "world 2" in run.stdout and run.stdout.count("[pretrain] epoch 2/2") == 1  # rank 0 reports alone
+    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["iteration"] == 2 * (1347 // 64)  # each process sees half the data
