@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,27 +34,28 @@ def _resolve(args: argparse.Namespace, base: dict | None = None) -> dict:
 
 
 def _check_writable(out: Path) -> None:
-    """Fail before compute when the output folder cannot be written."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Fail before compute when the output folder cannot be created or written."""
     probe = out / ".ftcl_write_test"
     try:
+        out.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"output folder {out} is not writable ({err.strerror})") from err
+        raise PermissionError(
+            f"output folder {out} cannot be written ({err.strerror}); give --out a writable folder"
+        ) from err
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
-    from ftcl.data.datasets import build_dataset
-
     _check_writable(args.out)
-    build_dataset(cfg["data"], "train", "pretrain")  # a missing dataset fails here, before anything is built
     from ftcl.config import flatten
     from ftcl.tracking import Tracker
-    from ftcl.train import pretrain
+    from ftcl.train import preflight, pretrain
 
-    rank = int(__import__("os").environ.get("RANK", "0"))
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data and sizes, before tracking or compute
+
+    rank = int(os.environ.get("RANK", "0"))
     with Tracker(cfg, args.out, "pretrain", rank=rank) as tracker:
         tracker.log_params(flatten(cfg))
         summary = pretrain(cfg, args.out, tracker)
@@ -130,12 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ftcl`` console script; returns the exit status."""
     from ftcl.checkpoint import CheckpointError
     from ftcl.config import ConfigError
+    from ftcl.data.datasets import CorruptImageError
+    from ftcl.tracking import TrackingError
+    from ftcl.train import NonFiniteLossError
+
+    user_errors = (ConfigError, CheckpointError, TrackingError, CorruptImageError, NonFiniteLossError,
+                   FileNotFoundError, PermissionError)
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, FileNotFoundError, PermissionError) as err:
+    except user_errors as err:
         print(f"ftcl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -58,12 +58,20 @@ def load_yaml(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(err)})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where and what, e.g. ``line 2, column 1: expected ',' or ']'``."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return where + problem
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -77,7 +85,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({err})") from err
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({_yaml_problem(err)})") from err
     return key, value
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,34 @@ from typing import Any
 
 RUN_ID_FILE = ".mlflow_run_id"
 DEFAULT_RESULTS = "results"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used; the message names the URI."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (instead of MLflow's minutes of retries) when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_type(parts.hostname, parts.port, timeout=timeout_s)
+    try:
+        conn.request("GET", parts.path.rstrip("/") + "/health")
+        status = conn.getresponse().status
+    except OSError as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} cannot be reached ({err}); start it, fix tracking.uri, "
+            "or set tracking.enabled=false"
+        ) from err
+    finally:
+        conn.close()
+    if status != 200:
+        raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {status}")
 
 
 def tracking_uri(uri: str | None, results_dir: str | Path = DEFAULT_RESULTS) -> str:
@@ -38,11 +67,26 @@ def artifact_root(root: str | None, uri: str, experiment: str) -> str | None:
 
 
 def _client(uri: str):
+    """An MlflowClient; a sqlite store is opened (and created on first use) under a file lock,
+    since several jobs creating the same new database at once race on its tables."""
+    import fcntl
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # forces the store (tables, migrations) into being
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):
@@ -91,6 +135,44 @@ def ensure_parent_run(client, experiment_id: str, row: str, seed: int | str, tag
     return run.info.run_id
 
 
+#: run-config keys a parent run's description leaves out (shown in its heading, or the store's own)
+_DESCRIPTION_SKIP = ("experiment", "seed")
+
+
+def run_description(cfg: Mapping, row: str, seed: int | str, lead: str | None = None) -> str:
+    """The MLflow description (``mlflow.note.content``, Markdown) of a row x seed parent run: an
+    optional ``lead`` text (``tracking.tags.description``), then every run-config key whose value
+    differs from ftcl's defaults (the row's overrides and the pipeline's shared settings)."""
+    from ftcl.config import defaults, flatten
+
+    base = flatten(defaults())
+    missing = object()
+    changed = {k: v for k, v in flatten(cfg).items()
+               if k not in _DESCRIPTION_SKIP and not k.startswith("tracking.") and base.get(k, missing) != v}
+    lines = [f"**{row}** · seed {seed} · experiment `{cfg.get('experiment')}`", ""]
+    if lead:
+        lines += [str(lead), ""]
+    if changed:
+        lines.append("Settings that differ from ftcl's defaults:")
+        lines += [f"- `{k}`: `{v}`" for k, v in changed.items()]
+    else:
+        lines.append("ftcl's default settings.")
+    return "\n".join(lines)[:5000]
+
+
+def close_parent_run(client, experiment_id: str, parent_id: str) -> None:
+    """End a parent run once none of its child runs is RUNNING: FAILED when a child failed, else
+    KILLED when one was interrupted, else FINISHED (so the UI shows each row x seed's state).
+    Each stage calls it after ending its own run, so the stage that ends last closes the parent."""
+    children = _retry(client.search_runs, [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                      max_results=1000)
+    states = {run.info.status for run in children}
+    if not children or "RUNNING" in states or "SCHEDULED" in states:
+        return
+    status = next((s for s in ("FAILED", "KILLED") if s in states), "FINISHED")
+    _retry(client.set_terminated, parent_id, status=status)
+
+
 def git_commit() -> str:
     """The project's git commit (``unknown`` outside a checkout)."""
     try:
@@ -109,13 +191,16 @@ class Tracker:
         self.enabled = bool(tcfg["enabled"]) and rank == 0
         self.cfg, self.out_dir, self.stage = cfg, Path(out_dir), stage
         self.run_id: str | None = None
+        self.parent_run_id: str | None = None
         self.client = None
         if not self.enabled:
             return
         uri = tracking_uri(tcfg["uri"], _results_dir(self.out_dir))
+        check_reachable(uri)
         self.client = _client(uri)
         exp_id = get_or_create_experiment(self.client, cfg["experiment"],
                                           artifact_root(tcfg["artifact_root"], uri, cfg["experiment"]))
+        self.experiment_id = exp_id
         self.run_id = self._start(exp_id)
 
     def _start(self, exp_id: str) -> str:
@@ -131,15 +216,24 @@ class Tracker:
         for key in ("row", "seed"):
             if key in tags:
                 system_tags[f"ftcl.{key}"] = str(tags.pop(key))
+        lead = tags.pop("description", None)  # text for the parent run's description, not a tag
         if id_file.is_file():  # a restarted stage continues its run
             run_id = id_file.read_text().strip()
             _retry(self.client.update_run, run_id, status="RUNNING")
             self._set_tags(run_id, system_tags)
+            parent = _retry(self.client.get_run, run_id).data.tags.get("mlflow.parentRunId")
+            if parent and _retry(self.client.get_run, parent).data.tags.get("ftcl.stage") == "parent":
+                self.parent_run_id = parent  # a row x seed parent run, kept by the stages (not one given)
+                self._parent_running()
             return run_id
         parent = tcfg["parent_run_id"]
         if parent is None and "ftcl.row" in system_tags and "ftcl.seed" in system_tags:
-            parent = ensure_parent_run(self.client, exp_id, system_tags["ftcl.row"], system_tags["ftcl.seed"],
-                                       {"ftcl.git_commit": system_tags["ftcl.git_commit"]})
+            row, seed = system_tags["ftcl.row"], system_tags["ftcl.seed"]
+            parent = ensure_parent_run(self.client, exp_id, row, seed, {
+                "ftcl.git_commit": system_tags["ftcl.git_commit"], "ftcl.launcher": system_tags["ftcl.launcher"],
+                "mlflow.note.content": run_description(self.cfg, row, seed, lead)})
+            self.parent_run_id = parent  # a row x seed parent run, kept by the stages (not one given)
+            self._parent_running()
         if parent:
             system_tags["mlflow.parentRunId"] = parent
         run = _retry(self.client.create_run, exp_id, run_name=tcfg["run_name"] or self.stage,
@@ -183,9 +277,23 @@ class Tracker:
         if self.enabled:
             self._set_tags(self.run_id, {k: str(v) for k, v in tags.items()})
 
+    def _parent_running(self) -> None:
+        """The parent run shows RUNNING while one of its stages runs."""
+        if self.parent_run_id:
+            try:
+                _retry(self.client.update_run, self.parent_run_id, status="RUNNING")
+            except Exception as err:  # bookkeeping only: never fail a stage for it
+                print(f"[tracking] warning: parent run {self.parent_run_id} not updated ({err})", file=sys.stderr)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             _retry(self.client.set_terminated, self.run_id, status=status)
+            if self.parent_run_id:
+                try:
+                    close_parent_run(self.client, self.experiment_id, self.parent_run_id)
+                except Exception as err:
+                    print(f"[tracking] warning: parent run {self.parent_run_id} not updated ({err})",
+                          file=sys.stderr)
 
     def __enter__(self) -> Tracker:
         return self

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftcl import checkpoint as ckpt
-from ftcl.config import dump
+from ftcl.config import ConfigError, dump
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
 from ftcl.methods.base import Method, StepOutput, build_method, ema_update
@@ -82,7 +82,7 @@ def setup_distributed() -> tuple[int, int]:
 
 def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but no CUDA device is visible (use device: auto or cpu)")
+        raise ConfigError("key 'device' is 'cuda' but no CUDA device is visible; allowed here: 'auto', 'cpu'")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
@@ -177,6 +177,19 @@ class TrainStep:
         return out
 
 
+def preflight(cfg: Mapping, world: int = 1):
+    """The training set, after the checks that must fail before any compute or tracking starts."""
+    select_device(cfg["device"])
+    data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
+    per_step = cfg["optim"]["batch_size"] * world
+    if len(data) < per_step:
+        raise ConfigError(
+            f"key 'optim.batch_size' is {cfg['optim']['batch_size']} (x {world} process(es)), more than the "
+            f"{len(data)} training images; lower optim.batch_size or use more data"
+        )
+    return data
+
+
 def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None, echo=print) -> dict:
     """Pretrain ``cfg``'s method into ``out_dir``, resuming from its last good checkpoint.
 
@@ -194,15 +207,12 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"
     if main:
         dump(cfg, out_dir / "config.yaml")
+        for stale in ckpt_dir.glob(".*.tmp"):  # left by a kill during a write; never a checkpoint
+            stale.unlink(missing_ok=True)
 
-    data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
+    data = preflight(cfg, world)
     loader = _loader(data, cfg, device, cfg["seed"])
     iters = len(loader)
-    if iters == 0:
-        raise ValueError(
-            f"optim.batch_size={cfg['optim']['batch_size']} x {world} process(es) is larger than the "
-            f"{len(data)} training images: lower optim.batch_size or use more data"
-        )
     step = TrainStep.build(cfg, data, device, world)
     method, optimizer = step.method, step.optimizer
 
@@ -253,13 +263,13 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         if recorder and main:
             stats = recorder.flush(epoch, iteration - iters, lrs, score_dir)
             metrics.update({f"scores/{k}": v for k, v in stats.items() if k != "loss"})
-        if main:
+        if main:  # metrics first: a kill between the two repeats a point rather than losing one
+            logger.log_metrics(metrics, step=epoch + 1)
             ckpt.save_epoch({
                 "epoch": epoch + 1, "iteration": iteration, "config": dict(cfg), "in_channels": data.channels,
                 "backbone": method.backbone.state_dict(), "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": _rng_state(),
             }, ckpt_dir, cfg["checkpoint"]["keep"])
-            logger.log_metrics(metrics, step=epoch + 1)
             echo(_progress_line(epoch, cfg["optim"]["epochs"], metrics))
         summary = metrics
     if main:

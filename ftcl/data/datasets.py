@@ -206,13 +206,17 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return out
 
 
+class CorruptImageError(OSError):
+    """An image file that cannot be decoded; the message names it."""
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file as RGB; a file PIL cannot decode raises ``OSError`` naming it."""
+    """Decode an image file as RGB; a file PIL cannot decode raises ``CorruptImageError`` naming it."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise OSError(f"cannot decode image file {path}: {err}") from err
+        raise CorruptImageError(f"cannot decode image file {path}: {err}; remove or replace it") from err
 
 
 # ---------------------------------------------------------------------------------------------
