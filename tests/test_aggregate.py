@@ -1,0 +1,278 @@
+"""Aggregation: tables, plots, report.html and the MLflow side (``ftcl aggregate``, ``ftcl table``).
+
+The run folders are fake but follow the run-folder contract: 2 rows x 2 seeds, JSON results with
+chosen numbers (so means, stds and deltas can be checked by hand) and parquet score files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ftcl import aggregate
+from ftcl.aggregate import MissingResultsError, ablation_table, collect, paper_table, write_tables
+from ftcl.plots import make_plots
+
+EXPERIMENT = "agg-test"
+ROWS = ["moco_v2", "+ft"]
+# row -> seed -> (linear top1, knn top1, detection AP50, detection AP); +ft has no detection
+RESULTS = {
+    "moco_v2": {0: (70.0, 65.0, 80.0, 50.0), 1: (72.0, 66.0, 82.0, 52.0)},
+    "+ft": {0: (68.0, 61.0, None, None), 1: (69.0, 64.0, None, None)},
+}
+ITERS_PER_EPOCH, EPOCHS, BINS = 12, 2, 20
+
+
+def pipeline_config(tmp_path: Path, **extra) -> dict:
+    return {
+        "experiment": EXPERIMENT,
+        "results_dir": str(tmp_path / "results"),
+        "ablations": [
+            {"name": "moco_v2", "baseline": True, "description": "plain MoCo v2", "overrides": {},
+             "published": {"linear_top1": 67.5, "det_AP50": 82.4}},
+            {"name": "+ft", "description": "positive extrapolation and negative interpolation",
+             "overrides": {"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"}},
+        ],
+        "seeds": [0, 1],
+        "stages": ["pretrain", "linear", "knn"],
+        **extra,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _write_scores(scores_dir: Path, rng: np.random.Generator, pos_level: float) -> None:
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    for epoch in range(EPOCHS):
+        it = np.arange(epoch * ITERS_PER_EPOCH, (epoch + 1) * ITERS_PER_EPOCH)
+        pos = pos_level + 0.1 * np.tanh(it / 10) + rng.normal(0, 0.01, it.size)
+        neg = 0.5 * np.exp(-it / 8) + rng.normal(0, 0.01, it.size)
+        pd.DataFrame({
+            "epoch": epoch, "iteration": it, "loss": 8 - it / 10, "pos_mean": pos, "neg_mean": neg,
+            "neg_var": 0.05 + 0 * it, "exp_neg_mean": np.exp(neg / 0.2), "exp_pos_mean": np.exp(pos / 0.2),
+            "lr": 0.03 + 0 * it,
+        }).to_parquet(scores_dir / f"epoch_{epoch:04d}.parquet")
+        edges = np.linspace(-1, 1, BINS + 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        pd.DataFrame({
+            "bin_left": edges[:-1], "bin_right": edges[1:],
+            "pos_count": np.round(1000 * np.exp(-((centres - pos_level) ** 2) / 0.02)).astype(np.int64),
+            "neg_count": np.round(50000 * np.exp(-(centres**2) / 0.05)).astype(np.int64),
+            "epoch": epoch,
+        }).to_parquet(scores_dir / f"hist_epoch_{epoch:04d}.parquet")
+
+
+def make_run_folders(tmp_path: Path) -> Path:
+    exp_dir = tmp_path / "results" / EXPERIMENT
+    rng = np.random.default_rng(0)
+    for row, seeds in RESULTS.items():
+        for seed, (lin, knn, ap50, ap) in seeds.items():
+            run = exp_dir / row / f"seed{seed}"
+            _write_json(run / "pretrain" / "pretrain.json", {"epochs": EPOCHS, "final_loss": 6.0})
+            _write_scores(run / "pretrain" / "scores", rng, 0.8 if row == "moco_v2" else 0.6)
+            protocol = {"epochs": 60, "lr": 30.0, "augment": False}
+            _write_json(run / "linear" / "linear.json",
+                        {"top1": lin, "top5": 99.0, "protocol": protocol, "checkpoint": "x.pt"})
+            _write_json(run / "knn" / "knn.json",
+                        {"top1": knn, "top5": 98.0, "protocol": {"k": 200, "temperature": 0.1},
+                         "checkpoint": "x.pt"})
+            if ap50 is not None:
+                _write_json(run / "detection" / "detection.json",
+                            {"AP": ap, "AP50": ap50, "AP75": ap - 5, "VOC07_AP50": ap50 - 1,
+                             "protocol": {"iterations": 200}})
+    return exp_dir
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[dict, Path]:
+    return pipeline_config(tmp_path), make_run_folders(tmp_path)
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ftcl")
+    aggregate.register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_collect_gives_one_line_per_row_and_seed_with_metrics(runs):
+    cfg, _ = runs
+    frame = collect(cfg)
+    pairs = list(zip(frame["row"], frame["seed"], strict=True))
+    assert pairs == [("moco_v2", 0), ("moco_v2", 1), ("+ft", 0), ("+ft", 1)]
+    assert frame["linear_top1"].tolist() == [70.0, 72.0, 68.0, 69.0]
+    assert frame.loc[0, "det_VOC07_AP50"] == 79.0
+    assert "linear: epochs=60, lr=30.0, augment=false" in frame.loc[0, "protocol"]
+
+
+def test_ablation_table_means_stds_and_deltas_match_hand_computed_values(runs):
+    cfg, _ = runs
+    table = ablation_table(collect(cfg), "moco_v2")
+    assert table["row"].tolist() == ROWS
+    for metric in ("linear_top1", "knn_top1", "det_AP50", "det_AP"):
+        for suffix in ("mean", "std", "delta", "n"):
+            assert f"{metric}_{suffix}" in table.columns
+    assert {"n_seeds", "protocol"} <= set(table.columns)
+    base, ft = table.iloc[0], table.iloc[1]
+    assert base["linear_top1_mean"] == pytest.approx(71.0)
+    assert base["linear_top1_std"] == pytest.approx(math.sqrt(2))  # sample std of 70, 72
+    assert ft["linear_top1_mean"] == pytest.approx(68.5)
+    assert ft["linear_top1_std"] == pytest.approx(math.sqrt(0.5))
+    assert ft["linear_top1_delta"] == pytest.approx(-2.5)
+    assert ft["knn_top1_delta"] == pytest.approx(62.5 - 65.5)
+    assert base["linear_top1_delta"] == 0.0
+    assert base["det_AP50_mean"] == pytest.approx(81.0) and base["det_AP_std"] == pytest.approx(math.sqrt(2))
+    assert table["n_seeds"].tolist() == [2, 2]
+
+
+def test_missing_detection_leaves_nan_columns(runs):
+    cfg, _ = runs
+    frame = collect(cfg)
+    assert frame.loc[frame["row"] == "+ft", ["det_AP50", "det_AP", "det_AP75"]].isna().all().all()
+    ft = ablation_table(frame, "moco_v2").set_index("row").loc["+ft"]
+    assert math.isnan(ft["det_AP50_mean"]) and math.isnan(ft["det_AP_delta"]) and ft["det_AP50_n"] == 0
+
+
+def test_missing_row_folder_is_an_error_naming_it_unless_allowed(runs, tmp_path):
+    cfg, _ = runs
+    cfg["ablations"].append({"name": "+neg_interpolation", "overrides": {}})
+    with pytest.raises(MissingResultsError, match=r"\+neg_interpolation"):
+        collect(cfg)
+    assert cli(["aggregate", "--configfile", _dump(cfg, tmp_path), "--no-mlflow"]) == 2
+    frame = collect(cfg, allow_missing=True)
+    assert "+neg_interpolation" not in set(frame["row"])
+
+
+def test_paper_table_compares_with_published_numbers(runs):
+    cfg, _ = runs
+    paper = paper_table(collect(cfg), cfg)
+    assert paper[["row", "metric"]].values.tolist() == [["moco_v2", "linear_top1"], ["moco_v2", "det_AP50"]]
+    assert paper["ours_mean"].tolist() == pytest.approx([71.0, 81.0])
+    assert paper["difference"].tolist() == pytest.approx([3.5, -1.4])
+
+
+def test_tables_are_written_as_csv_markdown_and_latex(runs, tmp_path):
+    cfg, exp_dir = runs
+    frame = collect(cfg)
+    files = write_tables(ablation_table(frame, "moco_v2"), paper_table(frame, cfg), exp_dir / "tables")
+    names = sorted(p.name for p in files)
+    assert names == ["ablation.csv", "ablation.md", "ablation.tex", "paper.csv", "paper.md", "paper.tex"]
+    csv = pd.read_csv(exp_dir / "tables" / "ablation.csv")
+    assert csv["linear_top1_mean"].tolist() == pytest.approx([71.0, 68.5])
+    md = (exp_dir / "tables" / "ablation.md").read_text()
+    assert "| moco_v2" in md and "| +ft" in md and "71.00 ± 1.41" in md and "-2.50" in md
+    tex = (exp_dir / "tables" / "ablation.tex").read_text()
+    assert r"\toprule" in tex and r"moco\_v2" in tex and r"$71.00 \pm 1.41$" in tex and r"\bottomrule" in tex
+    assert "82.40" in (exp_dir / "tables" / "paper.md").read_text()
+
+
+def test_plots_are_written_as_nonempty_pngs(runs):
+    cfg, exp_dir = runs
+    plots = make_plots(collect(cfg), exp_dir / "plots", baseline="moco_v2")
+    names = sorted(p.name for p in plots.values())
+    assert names == ["accuracy.png", "score_curves.png", "score_histograms.png"]
+    for path in plots.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_report_holds_every_row_and_embeds_the_plots(runs):
+    cfg, exp_dir = runs
+    out = aggregate.run_aggregate(cfg, mlflow=False, command="ftcl aggregate --configfile c.yaml")
+    text = out["report"].read_text()
+    assert out["report"] == exp_dir / "report.html"
+    table = re.search(r'<table[^>]*id="ablation-table".*?</table>', text, re.S).group(0)
+    first_cells = re.findall(r"<tr>\s*<td>([^<]*)</td>", table)
+    assert first_cells == ["moco_v2", "+ft"]
+    assert 'id="paper-table"' in text and EXPERIMENT in text and "ftcl aggregate --configfile c.yaml" in text
+    assert text.count('src="data:image/png;base64,') == 3
+    assert "http://" not in text and "https://" not in text  # self-contained
+
+
+def _dump(cfg: dict, tmp_path: Path) -> str:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_aggregate_command_logs_tables_plots_and_report_to_an_mlflow_run(runs, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    cfg, exp_dir = runs
+    configfile = _dump(cfg, tmp_path)
+    assert cli(["aggregate", "--configfile", configfile]) == 0
+    printed = capsys.readouterr().out
+    assert "moco_v2" in printed and "+ft" in printed and "71.00 ± 1.41" in printed
+    for name in ("ablation.csv", "ablation.md", "ablation.tex", "paper.csv", "paper.md", "paper.tex"):
+        assert (exp_dir / "tables" / name).is_file()
+
+    results = tmp_path / "results"
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert Path(exp.artifact_location) == results / "mlartifacts" / EXPERIMENT
+    (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'aggregate'")
+    assert run.info.status == "FINISHED"
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"tables", "plots", "report.html", "config"} <= top
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/accuracy.png", "plots/score_curves.png", "plots/score_histograms.png"}
+    assert "tables/ablation.tex" in {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
+    assert not (tmp_path / "mlruns").exists() and not Path("mlruns").exists()
+
+    assert cli(["aggregate", "--configfile", configfile]) == 0  # a rerun leaves one active aggregate run
+    active = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'aggregate'")
+    assert len(active) == 1 and active[0].info.run_id != run.info.run_id
+
+
+def test_table_command_reads_metrics_back_from_mlflow_runs(tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # no config/config.yaml of the checkout is picked up
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("from-mlflow", artifact_location=str(tmp_path / "mlartifacts"))
+    metrics = {"linear": ("linear/top1", 0), "knn": ("knn/top1", 1)}
+    for row, seeds in RESULTS.items():
+        for seed, values in seeds.items():
+            tags = {"ftcl.row": row, "ftcl.seed": str(seed)}
+            parent = client.create_run(exp_id, run_name=f"{row} · seed {seed}",
+                                       tags={**tags, "ftcl.stage": "parent"})
+            for stage, (name, index) in metrics.items():
+                child = client.create_run(exp_id, run_name=stage, tags={
+                    **tags, "ftcl.stage": stage, "mlflow.parentRunId": parent.info.run_id})
+                client.log_metric(child.info.run_id, name, values[index])
+                client.set_terminated(child.info.run_id)
+            if values[2] is not None:
+                child = client.create_run(exp_id, run_name="detection",
+                                          tags={**tags, "ftcl.stage": "detection"})
+                prefix = "det" if seed == 0 else "detection"  # both spellings are read
+                client.log_metric(child.info.run_id, f"{prefix}/AP50", values[2])
+                client.log_metric(child.info.run_id, f"{prefix}/AP", values[3])
+                client.set_terminated(child.info.run_id)
+
+    frame = aggregate.frame_from_mlflow(uri, "from-mlflow")
+    assert frame["row"].tolist() == ["moco_v2", "moco_v2", "+ft", "+ft"]
+    assert frame["knn_top1"].tolist() == [65.0, 66.0, 61.0, 64.0]
+    assert frame["det_AP"].tolist()[:2] == [50.0, 52.0]
+    assert frame.loc[frame["row"] == "+ft", "det_AP50"].isna().all()
+
+    assert cli(["table", "--experiment", "from-mlflow", "--tracking-uri", uri, "--configfile",
+                _dump(pipeline_config(tmp_path), tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "71.00 ± 1.41" in lines["moco_v2"] and "81.00 ± 1.41" in lines["moco_v2"]
+    assert "68.50 ± 0.71" in lines["+ft"] and "-2.50" in lines["+ft"] and "-3.00" in lines["+ft"]
+
+    assert cli(["table", "--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
