@@ -25,6 +25,6 @@ echo "[install] pip install -e .[test] into .venv (torch is large: a few minutes
 .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 # deepforest ships real VOC-format annotations used by the detection tests; its own
 # dependencies (a full training stack) are not needed for that.
-.venv/bin/pip install -q --no-deps deepforest 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --no-deps deepforest==2.1.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import ftcl, torch, torchvision, mlflow, snakemake, submitit" \
   && echo "[install] done: .venv/bin/ftcl, .venv/bin/snakemake"

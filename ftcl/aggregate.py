@@ -76,11 +76,6 @@ MLFLOW_METRICS: dict[str, str] = {
     "det/AP50": "det_AP50",
     "det/AP75": "det_AP75",
     "det/VOC07_AP50": "det_VOC07_AP50",
-    # the names ftcl.detect logs today, read as well
-    "detection/AP": "det_AP",
-    "detection/AP50": "det_AP50",
-    "detection/AP75": "det_AP75",
-    "detection/VOC07_AP50": "det_VOC07_AP50",
 }
 #: protocol keys left out of summaries: they vary between runs of one protocol or repeat the stage
 PROTOCOL_SKIP = frozenset({"kind", "train_seconds", "metrics"})

@@ -50,6 +50,7 @@ from ftcl import checkpoint as ckpt
 from ftcl import config
 from ftcl.config import Config, ConfigError
 from ftcl.data import detection as ddata
+from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "voc",
@@ -103,8 +104,6 @@ CHOICES = {
 METRICS = ("AP", "AP50", "AP75", "VOC07_AP50")
 RESULT_FILE = "detection.json"
 PER_CLASS_FILE = "per_class_ap.csv"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FPN_LEVELS = 5  # P2-P5 plus the max-pooled P6
 
 
@@ -132,21 +131,8 @@ def _check_keys(given: Mapping, reference: Mapping, prefix: str) -> None:
 
 
 def resolve_config(path: str | Path | None, overrides: Sequence[str]) -> tuple[Config, dict[str, Any]]:
-    """The run config (defaults <- file <- ``--set``) and its detection section (:func:`detection_settings`).
-
-    While the project schema has no ``detection`` key, that section of the file and the
-    ``detection.*`` overrides are merged here and the rest is resolved and validated as usual.
-    """
-    if "detection" in config.schema()["properties"]:
-        cfg = config.resolve(path, overrides)
-        return cfg, detection_settings(cfg)
-    file_cfg = config.load_yaml(path) if path is not None else {}
-    pairs = [config.parse_override(text) for text in overrides]
-    own = {k: v for k, v in pairs if k.split(".")[0] == "detection"}
-    rest = {k: v for k, v in pairs if k.split(".")[0] != "detection"}
-    cfg = config.resolve(None, rest, base={k: v for k, v in file_cfg.items() if k != "detection"})
-    cfg["detection"] = config.deep_merge(file_cfg.get("detection") or {},
-                                         config.dotted_to_nested(own).get("detection", {}))
+    """The run config (defaults <- file <- ``--set``) and its checked detection section."""
+    cfg = config.resolve(path, overrides)
     return cfg, detection_settings(cfg)
 
 
@@ -562,7 +548,8 @@ def build_detection_data(cfg: Mapping, det: Mapping[str, Any], out: str | Path) 
     ``root``) for testing; ``coco``: ``coco.{train,test}_{json,images}``; ``scenes``: scenes composed
     from the held-out split of ``data`` into ``scenes.folder`` (default ``<out>/scenes``).
     Classes: ``detection.classes`` or the sorted names found (scenes: the dataset's label order).
-    Normalisation: ``image_mean``/``image_std``, else the source set's (scenes) or ImageNet's.
+    Normalisation: ``image_mean``/``image_std``, else the source set's for scenes (the data the
+    backbone was pretrained on) unless ``init`` is ``supervised``, else ImageNet's.
     """
     mean, std, classes = IMAGENET_MEAN, IMAGENET_STD, det["classes"]
     kind = det["dataset"]
@@ -575,7 +562,8 @@ def build_detection_data(cfg: Mapping, det: Mapping[str, Any], out: str | Path) 
         ddata.compose_scenes(source, classes, folder, ddata.SceneSpec.from_config(det["scenes"]))
         train = ddata.voc_devkit_annotations(folder, [(ddata.SCENES_YEAR, "trainval")])
         test = ddata.voc_devkit_annotations(folder, [(ddata.SCENES_YEAR, "test")])
-        mean, std = _rgb(source.mean), _rgb(source.std)
+        if det["init"] != "supervised":
+            mean, std = _rgb(source.mean), _rgb(source.std)
     elif kind == "coco":
         paths = det["coco"]
         _require(paths, ("train_json", "train_images", "test_json", "test_images"), "detection.coco")
@@ -607,43 +595,62 @@ def _require(section: Mapping, keys: Sequence[str], prefix: str) -> None:
         raise ConfigError(f"detection.dataset needs {', '.join(f'{prefix}.{k}' for k in missing)}")
 
 
-def run_detection(cfg: Mapping, det: Mapping[str, Any], checkpoint: str | Path | None, out: str | Path,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune and evaluate one detector; write ``<out>/detection.json`` and ``per_class_ap.csv``.
+@dataclass
+class DetectionJob:
+    """Everything a detection run needs, checked before any training starts."""
+
+    data: DetectionData
+    model: FasterRCNN
+    checkpoint: Path | None
+    pretrain_epochs: int | None
+    model_cfg: Mapping
+
+
+def prepare_detection(cfg: Mapping, det: Mapping[str, Any], checkpoint: str | Path | None,
+                      out: str | Path) -> DetectionJob:
+    """Read the data and build the detector; bad paths, keys or weights fail here.
 
     The backbone's architecture comes from the checkpoint when one is given (so ``random`` rows
-    match the pretrained ones), else from ``cfg["model"]``. Returns the detection.json content.
+    match the pretrained ones), else from ``cfg["model"]``.
     """
-    from ftcl.evaluate import write_result
-    from ftcl.train import seed_everything, select_device
+    from ftcl.train import seed_everything
 
-    out = Path(out)
     checkpoint = ckpt.resolve_checkpoint_path(checkpoint) if checkpoint is not None else None
     data = build_detection_data(cfg, det, out)
     state = ckpt.load(checkpoint) if checkpoint is not None else None
     model_cfg = state["config"]["model"] if state else cfg["model"]
-    in_channels = int(state["in_channels"]) if state else 3
     seed_everything(int(cfg["seed"]))
     model = build_detector(det["init"], checkpoint, det["head"], len(data.classes), det["norm"],
-                           model_cfg=model_cfg, in_channels=in_channels,
+                           model_cfg=model_cfg, in_channels=int(state["in_channels"]) if state else 3,
                            supervised_weights=det["supervised_weights"], settings=det,
                            image_mean=data.mean, image_std=data.std)
+    return DetectionJob(data, model, checkpoint, state["epoch"] if state else None, model_cfg)
+
+
+def fit_and_evaluate(job: DetectionJob, cfg: Mapping, det: Mapping[str, Any], out: str | Path,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune, evaluate on the test set, write ``<out>/detection.json`` and ``per_class_ap.csv``;
+    returns the detection.json content."""
+    from ftcl.evaluate import write_result
+    from ftcl.train import select_device
+
+    data, out = job.data, Path(out)
     device = select_device(cfg["device"])
     log(f"[detect] {det['head']} head, init {det['init']}, norm {det['norm']}: {len(data.train)} training "
         f"/ {len(data.test)} test images, {len(data.classes)} classes, {det['iterations']} iterations "
         f"on {device}")
     start = time.perf_counter()
-    train_detector(model, data.train, det, device, int(cfg["seed"]), log)
+    train_detector(job.model, data.train, det, device, int(cfg["seed"]), log)
     train_s = time.perf_counter() - start
-    predictions = predict(model, data.test, int(det["eval_batch_size"]), device, int(det["num_workers"]))
+    predictions = predict(job.model, data.test, int(det["eval_batch_size"]), device, int(det["num_workers"]))
     summary, rows = evaluate_detections([data.test.target(i) for i in range(len(data.test))], predictions,
                                         data.classes)
     result = {
         **summary,
         "per_class": {r["class"]: {k: _finite(r[k]) for k in METRICS} for r in rows},
-        "protocol": _protocol(det, data, model_cfg, train_s),
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "pretrain_epochs": state["epoch"] if state else None,
+        "protocol": _protocol(det, data, job.model_cfg, train_s),
+        "checkpoint": str(job.checkpoint) if job.checkpoint else None,
+        "pretrain_epochs": job.pretrain_epochs,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_per_class_csv(rows, out / PER_CLASS_FILE)
@@ -715,13 +722,14 @@ def cli_detect(args: argparse.Namespace) -> int:
         ckpt.resolve_checkpoint_path(args.checkpoint)
     elif det["init"] == "pretrained":
         raise ConfigError("ftcl detect with detection.init=pretrained needs --checkpoint")
+    job = prepare_detection(cfg, det, args.checkpoint, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     config.dump(cfg, args.out / "config.yaml")
     with Tracker(cfg, args.out, "detection") as tracker:
         tracker.log_params({k: v for k, v in config.flatten(cfg).items()
                             if k.startswith(("detection.", "model.", "data.", "seed"))})
-        result = run_detection(cfg, det, args.checkpoint, args.out)
-        tracker.log_metrics({f"detection/{k}": result[k] for k in METRICS})
+        result = fit_and_evaluate(job, cfg, det, args.out)
+        tracker.log_metrics({f"det/{k}": result[k] for k in METRICS})
         tracker.log_artifact(args.out / RESULT_FILE)
         tracker.log_artifact(args.out / PER_CLASS_FILE)
     print(f"[detect] AP50 {result['AP50']:.2f} VOC07_AP50 {result['VOC07_AP50']:.2f} "

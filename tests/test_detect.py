@@ -1,0 +1,351 @@
+"""Detection transfer: backbone loading, VOC/scene data, VOC07 AP, and a short fine-tune that learns."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ftcl import config
+from ftcl.checkpoint import FORMAT, CheckpointError, atomic_save
+from ftcl.config import ConfigError
+from ftcl.data import detection as ddata
+from ftcl.detect import (
+    backbone_weights,
+    build_detector,
+    detection_settings,
+    evaluate_detections,
+    hflip,
+    lr_at,
+    voc07_ap,
+    voc_precision_recall,
+)
+from ftcl.models.backbones import build_backbone
+
+SMALL_MODEL = {"model.backbone": "resnet18", "model.width": 16, "model.small_stem": True}
+SMALL_DETECTOR = {"min_size": [64], "max_size": 64, "anchor_sizes": [16, 32], "aspect_ratios": [1.0],
+                  "rpn_pre_nms_top_n": [300, 300], "rpn_post_nms_top_n": [100, 50], "rpn_batch_size": 64,
+                  "roi_batch_size": 32, "roi_pool_size": 7}
+
+
+def write_pretrain_checkpoint(folder: Path, overrides: dict, in_channels: int = 1, seed: int = 0,
+                              weights_of: dict | None = None) -> tuple[Path, dict]:
+    """A pretraining checkpoint (contract "ftcl-pretrain/1"): seeded random convolutions and BatchNorm
+    tensors moved off their defaults (so a comparison is not vacuous); the weights belong to the
+    ``weights_of`` model config when given (a mismatched checkpoint)."""
+    cfg = config.resolve(overrides={**overrides, "data.dataset": "digits", "tracking.enabled": False})
+    torch.manual_seed(seed)
+    state = build_backbone(weights_of or cfg["model"], in_channels).state_dict()
+    for key, value in state.items():
+        if key.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "running_var", "downsample.1.weight")):
+            value.uniform_(0.8, 1.2)
+        elif key.endswith(("bias", "running_mean")):
+            value.normal_(0.0, 0.05)
+    path = atomic_save({"format": FORMAT, "epoch": 3, "config": cfg, "in_channels": in_channels,
+                        "backbone": state}, folder / "checkpoints" / "last.pt")
+    return path, state
+
+
+def small_settings(**extra) -> dict:
+    return detection_settings({"detection": {**SMALL_DETECTOR, **extra}})
+
+
+# ------------------------------------------------------------------ (i) the checkpoint's weights
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+@pytest.mark.parametrize("norm", ["frozen", "sync", "train"])
+def test_detector_holds_the_checkpoint_backbone_weights(tmp_path, head, norm):
+    path, state = write_pretrain_checkpoint(tmp_path, SMALL_MODEL)
+    settings = small_settings(anchor_sizes=[8, 16, 32, 64, 128] if head == "fpn" else [16, 32])
+    model = build_detector("pretrained", tmp_path, head, 3, norm, settings=settings)
+    weights = backbone_weights(model)
+    compared = [k for k in state if not k.endswith("num_batches_tracked")]
+    assert len(compared) > 50
+    for key in compared:
+        assert torch.equal(weights[key], state[key]), key
+    random_model = build_detector("random", None, head, 3, norm, model_cfg=config.resolve(
+        overrides=SMALL_MODEL)["model"], in_channels=1, settings=settings)
+    assert not torch.equal(backbone_weights(random_model)["conv1.weight"], state["conv1.weight"])
+
+
+def test_one_channel_backbone_detects_on_rgb_images(tmp_path):
+    write_pretrain_checkpoint(tmp_path, SMALL_MODEL, in_channels=1)
+    model = build_detector("pretrained", tmp_path, "c4", 3, "frozen", settings=small_settings()).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 80)])
+    assert out[0]["boxes"].shape[1] == 4
+
+
+def test_frozen_norm_and_freeze_at_leave_early_stages_untrainable(tmp_path):
+    write_pretrain_checkpoint(tmp_path, SMALL_MODEL)
+    model = build_detector("pretrained", tmp_path, "c4", 3, "train", settings=small_settings(freeze_at=2))
+    assert not model.backbone.conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert model.backbone.layer2[0].conv1.weight.requires_grad
+    assert isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+    assert isinstance(model.backbone.layer2[0].bn1, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("mismatch", ["width", "arch", "ddp_prefix"])
+def test_a_checkpoint_that_does_not_fit_fails_loudly(tmp_path, mismatch):
+    if mismatch == "ddp_prefix":
+        path, state = write_pretrain_checkpoint(tmp_path, SMALL_MODEL)
+        saved = torch.load(path, weights_only=False)
+        saved["backbone"] = {f"module.{k}": v for k, v in state.items()}
+        atomic_save(saved, path)
+    else:
+        key, value = ("model.width", 32) if mismatch == "width" else ("model.backbone", "resnet50")
+        wrong = config.resolve(overrides={**SMALL_MODEL, key: value})["model"]
+        write_pretrain_checkpoint(tmp_path, SMALL_MODEL, weights_of=wrong)
+    with pytest.raises(CheckpointError, match=r"last\.pt does not fit this backbone"):
+        build_detector("pretrained", tmp_path, "c4", 3, "frozen", settings=small_settings())
+
+
+def test_pretrained_init_without_checkpoint_and_supervised_without_weights_are_config_errors():
+    with pytest.raises(ConfigError, match="checkpoint"):
+        build_detector("pretrained", None, "c4", 3, "frozen", settings=small_settings())
+    with pytest.raises(ConfigError, match="supervised_weights"):
+        build_detector("supervised", None, "c4", 3, "frozen", settings=small_settings())
+
+
+def test_unknown_detection_key_or_value_is_rejected():
+    with pytest.raises(ConfigError, match="detection.iteration"):
+        detection_settings({"detection": {"iteration": 5}})
+    with pytest.raises(ConfigError, match="detection.head"):
+        detection_settings({"detection": {"head": "c5"}})
+
+
+# ------------------------------------------------------------------ (ii) VOC loader on real files
+def deepforest_data() -> Path:
+    spec = importlib.util.find_spec("deepforest")
+    if spec is None or spec.origin is None:
+        pytest.skip("deepforest is not installed (pip install --no-deps deepforest)")
+    return Path(spec.origin).parent / "data"
+
+
+def boxes_by_regex(xml_text: str) -> list[tuple[str, tuple[float, ...]]]:
+    """An independent reading of a VOC file: the name and bndbox of every <object>."""
+    found = []
+    for obj in re.findall(r"<object>(.*?)</object>", xml_text, flags=re.S):
+        name = re.search(r"<name>\s*(.*?)\s*</name>", obj).group(1)
+        coords = [float(re.search(rf"<{k}>\s*([-\d.]+)\s*</{k}>", obj).group(1))
+                  for k in ("xmin", "ymin", "xmax", "ymax")]
+        found.append((name, (coords[0] - 1, coords[1] - 1, coords[2], coords[3])))
+    return found
+
+
+def test_voc_loader_reads_the_deepforest_annotations():
+    folder = deepforest_data()
+    xml_files = sorted(folder.glob("*.xml"))
+    expected = {p.stem: boxes_by_regex(p.read_text()) for p in xml_files}
+    annotations = ddata.voc_folder_annotations(folder)
+    classes = ddata.discover_classes(annotations)
+    dataset = ddata.DetectionDataset(annotations, classes)
+
+    assert len(dataset) == len(xml_files) == 4
+    assert sum(len(v) for v in expected.values()) == 951
+    assert classes == sorted({name for objs in expected.values() for name, _ in objs})
+    for i, ann in enumerate(annotations):
+        objs = expected[Path(ann.source).stem]
+        target = dataset.target(i)
+        assert len(target["boxes"]) == len(objs)
+        assert [classes[k - 1] for k in target["labels"].tolist()] == [name for name, _ in objs]
+        assert np.allclose(target["boxes"].numpy(), [box for _, box in objs])
+        assert not target["difficult"].any()
+    small = next(i for i, a in enumerate(annotations) if a.image.name == "SOAP_061.png")
+    image, _ = dataset[small]
+    assert image.shape == (3, annotations[small].height, annotations[small].width)
+    assert image.min() >= 0.0 and image.max() <= 1.0
+
+
+def test_voc_devkit_loader_names_the_missing_path(tmp_path):
+    (tmp_path / "VOCdevkit" / "VOC2007").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"VOC2012/ImageSets/Main/trainval\.txt"):
+        ddata.voc_devkit_annotations(tmp_path, [("2012", "trainval")])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "elsewhere")):
+        ddata.voc_devkit_annotations(tmp_path / "elsewhere", [("2007", "test")])
+
+
+def test_difficult_flag_and_one_based_voc_coordinates(tmp_path):
+    xml = ("<annotation><filename>a.png</filename><size><width>20</width><height>10</height></size>"
+           "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>2</ymin>"
+           "<xmax>5</xmax><ymax>6</ymax></bndbox></object></annotation>")
+    (tmp_path / "a.xml").write_text(xml)
+    (tmp_path / "a.png").write_bytes(b"")
+    ann = ddata.parse_voc_xml(tmp_path / "a.xml", tmp_path)
+    assert ann.boxes == ((0.0, 1.0, 5.0, 6.0),) and ann.difficult == (True,) and ann.names == ("cat",)
+
+
+def test_coco_loader_converts_boxes_classes_and_crowds(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    instances = {
+        "images": [{"id": 5, "file_name": "a.png", "width": 40, "height": 30}],
+        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 7, "bbox": [2, 3, 10, 5], "iscrowd": 0},
+            {"id": 2, "image_id": 5, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 1},
+            {"id": 3, "image_id": 5, "category_id": 3, "bbox": [1, 1, 0, 4], "iscrowd": 0},
+        ],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    annotations, classes = ddata.coco_annotations(tmp_path / "instances.json", tmp_path)
+    assert classes == ["cat", "dog"]  # by category id
+    image, target = ddata.DetectionDataset(annotations, classes)[0]
+    assert image.shape == (3, 30, 40)
+    assert target["boxes"].tolist() == [[2.0, 3.0, 12.0, 8.0], [0.0, 0.0, 4.0, 4.0]]  # zero-width box dropped
+    assert target["labels"].tolist() == [2, 1] and target["difficult"].tolist() == [False, True]
+
+
+# ------------------------------------------------------------------ scenes
+def digit_items(n: int = 60) -> list[tuple[torch.Tensor, int]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images[:n] * (255 / 16)).astype(np.uint8)
+    return [(torch.from_numpy(img)[None], int(label)) for img, label in zip(images, digits.target[:n])]
+
+
+def test_composed_scenes_are_deterministic_valid_voc_and_reused(tmp_path):
+    spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=4, seed=3)
+    classes = [str(k) for k in range(10)]
+    first = ddata.compose_scenes(digit_items(), classes, tmp_path / "a", spec)
+    second = ddata.compose_scenes(digit_items(), classes, tmp_path / "b", spec)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert len(files) == 2 * (8 + 4) + 2 + 1
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+    train = ddata.voc_devkit_annotations(first, [("2007", "trainval")])
+    test = ddata.voc_devkit_annotations(first, [("2007", "test")])
+    assert len(train) == 8 and len(test) == 4
+    boxes = np.array([b for a in train + test for b in a.boxes])
+    assert len(boxes) >= 2 * 12 and (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 48).all()
+    assert (boxes[:, 2:] > boxes[:, :2]).all() and set(ddata.discover_classes(train + test)) <= set(classes)
+
+    stamp = (first / "scenes.json").stat().st_mtime_ns
+    ddata.compose_scenes(digit_items(), classes, first, spec)
+    assert (first / "scenes.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="other settings|not composed with these settings"):
+        ddata.compose_scenes(digit_items(), classes, first, ddata.SceneSpec(canvas=64))
+
+
+# ------------------------------------------------------------------ (iii) fine-tuning learns
+@pytest.fixture
+def one_torch_thread():
+    """Small convolutions gain nothing from a second thread, and on a busy machine OpenMP threads
+    waiting for each other cost several times the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_short_cpu_finetune_on_scenes_beats_the_untrained_detector(tmp_path, capsys, one_torch_thread):
+    from ftcl.cli import main
+
+    start = time.perf_counter()
+    write_pretrain_checkpoint(tmp_path / "pretrain", SMALL_MODEL, seed=0)
+    run_cfg = {"data": {"dataset": "digits"}, "model": {"backbone": "resnet18", "width": 16, "small_stem": True},
+               "tracking": {"enabled": False}, "device": "cpu",
+               "detection": {**SMALL_DETECTOR, "dataset": "scenes", "norm": "frozen",
+                             "scenes": {"folder": str(tmp_path / "scenes"), "canvas": 64, "items": [2, 3],
+                                        "item_size": [16, 24], "noise": 0.1, "num_train": 200, "num_test": 50,
+                                        "seed": 0},
+                             "batch_size": 4, "lr_per_16": 0.08, "warmup_iterations": 10, "milestones": [240],
+                             "num_workers": 0, "log_every": 100}}
+    (tmp_path / "detect.yaml").write_text(yaml.safe_dump(run_cfg))
+    results = {}
+    for name, iterations in (("untrained", 0), ("trained", 300)):
+        code = main(["detect", "--config", str(tmp_path / "detect.yaml"), "--set", f"detection.iterations={iterations}",
+                     "--checkpoint", str(tmp_path / "pretrain"), "--out", str(tmp_path / name)])
+        assert code == 0
+        results[name] = json.loads((tmp_path / name / "detection.json").read_text())
+    elapsed = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n[scenes fine-tune] untrained AP50 {results['untrained']['AP50']:.1f} -> trained "
+              f"{results['trained']['AP50']:.1f} (VOC07 {results['trained']['VOC07_AP50']:.1f}), {elapsed:.0f} s")
+
+    trained, untrained = results["trained"], results["untrained"]
+    assert trained["AP50"] > untrained["AP50"] + 10.0
+    assert trained["VOC07_AP50"] > untrained["VOC07_AP50"] + 10.0
+    assert trained["protocol"]["iterations"] == 300 and trained["checkpoint"].endswith("last.pt")
+    assert set(trained["per_class"]) == {str(k) for k in range(10)}
+    rows = (tmp_path / "trained" / "per_class_ap.csv").read_text().splitlines()
+    assert rows[0] == "class,num_boxes,AP,AP50,AP75,VOC07_AP50" and len(rows) == 11
+    assert (tmp_path / "trained" / "config.yaml").is_file()
+
+
+def test_detect_cli_rejects_a_missing_checkpoint_with_exit_code_2(tmp_path, capsys):
+    from ftcl.cli import main
+
+    code = main(["detect", "--set", "tracking.enabled=false", "--checkpoint", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "no pretraining checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ (iv) VOC07 11-point AP
+def test_voc07_ap_of_hand_computed_curves():
+    assert voc07_ap([1.0], [1.0]) == pytest.approx(1.0)
+    assert voc07_ap([0.5], [1.0]) == pytest.approx(6 / 11)  # t = 0 .. 0.5 reach precision 1, the rest 0
+    assert voc07_ap([0.3, 0.6], [1.0, 0.5]) == pytest.approx((4 * 1.0 + 3 * 0.5) / 11)  # t = k/10 exactly
+    assert voc07_ap([], []) == 0.0
+
+
+def test_voc_matching_true_false_duplicate_and_difficult():
+    gt = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, False]))}
+    dets = [(0, 0.9, np.array([0, 0, 10, 10])),  # TP
+            (0, 0.8, np.array([0, 0, 10, 10])),  # duplicate -> FP
+            (0, 0.7, np.array([20, 20, 30, 31]))]  # TP (IoU 100/110)
+    recall, precision = voc_precision_recall(dets, gt)
+    assert recall.tolist() == [0.5, 0.5, 1.0] and precision == pytest.approx([1.0, 0.5, 2 / 3])
+    assert voc07_ap(recall, precision) == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
+
+    with_difficult = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([True, False]))}
+    recall, precision = voc_precision_recall([(0, 0.9, np.array([0, 0, 10, 10])),
+                                              (0, 0.5, np.array([20, 20, 30, 30]))], with_difficult)
+    assert recall.tolist() == [0.0, 1.0] and voc07_ap(recall, precision) == pytest.approx(1.0)
+
+    iou_exactly_half = voc_precision_recall([(0, 0.9, np.array([0, 0, 10, 20]))],
+                                            {0: (np.array([[0, 0, 10, 10]], float), np.array([False]))})
+    assert iou_exactly_half[0].tolist() == [0.0]  # the devkit needs IoU > 0.5
+    assert voc_precision_recall([], {0: (np.zeros((1, 4)), np.array([True]))}) is None
+
+
+def test_evaluation_of_perfect_and_empty_predictions():
+    targets = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 30]]), "labels": torch.tensor([1, 2]),
+                "difficult": torch.tensor([False, False])}]
+    perfect = [{"boxes": t["boxes"].numpy(), "scores": np.array([0.9, 0.8]), "labels": t["labels"].numpy()}
+               for t in targets]
+    summary, rows = evaluate_detections(targets, perfect, ["a", "b", "c"])
+    assert summary == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "VOC07_AP50": 100.0})
+    assert np.isnan(rows[2]["AP"]) and rows[0]["num_boxes"] == 1
+    empty = [{"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}]
+    assert evaluate_detections(targets, empty, ["a", "b", "c"])[0] == pytest.approx(
+        {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "VOC07_AP50": 0.0})
+
+
+def test_warmup_then_step_learning_rate():
+    args = dict(base_lr=0.02, warmup_iterations=100, warmup_factor=0.001, milestones=[18000, 22000], gamma=0.1)
+    assert lr_at(0, **args) == pytest.approx(0.02 * 0.001)
+    assert lr_at(50, **args) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert [lr_at(i, **args) for i in (100, 17999, 18000, 22000)] == pytest.approx([0.02, 0.02, 0.002, 0.0002])
+
+
+def test_hflip_mirrors_boxes_and_is_its_own_inverse():
+    image = torch.arange(12.0).reshape(1, 3, 4)
+    target = {"boxes": torch.tensor([[0.0, 0, 1, 2]]), "labels": torch.tensor([1])}
+    flipped_image, flipped = hflip(image, target)
+    assert flipped["boxes"].tolist() == [[3.0, 0.0, 4.0, 2.0]]
+    again_image, again = hflip(flipped_image, flipped)
+    assert torch.equal(again_image, image) and torch.equal(again["boxes"], target["boxes"])
