@@ -1,0 +1,30 @@
+# The ftcl pipeline: every ablation row x seed is pretrained, evaluated (linear probe, kNN, and
+# detection when it is in `stages`), tracked in MLflow and aggregated into tables and plots.
+#   snakemake -c2                                    the demo (config/config.yaml)
+#   snakemake -c2 --configfile config/paper/X.yaml   another pipeline config (replaces the demo's)
+# Rules call the `ftcl` command line through `ftcl submit` (ftcl/launch.py), so every stage can be
+# rerun by hand; docs/ARCHITECTURE.md describes the config and the run folders.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# A --configfile replaces the demo config instead of being merged into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/detect.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        AGGREGATE_OUTPUTS,

@@ -1,0 +1,202 @@
+"""The Snakemake pipeline: the whole DAG on config/tiny.yaml through the local launcher, tracked in
+MLflow; a bad config stopped before any job; an edited or added row rerunning only itself; every
+shipped config planning its rows; `snakemake --lint` clean."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+DAG_LIMIT_S = 180
+
+
+def snakemake(workdir: Path, configfile: Path | None, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run Snakemake on the repository's Snakefile with ``workdir`` as its working directory."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def write_config(folder: Path, cfg: dict, name: str = "config.yaml") -> Path:
+    cfg = copy.deepcopy(cfg)
+    cfg["results_dir"] = str(folder / "results")
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> list[tuple[str, str | None]]:
+    """(rule, row) of every job a dry run plans."""
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    jobs, text = [], proc.stdout + proc.stderr
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if rule:
+            row = re.search(r"wildcards: row=(\S+), seed=\d+", block)
+            jobs.append((rule[1], row[1] if row else None))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """config/tiny.yaml run end to end once with `snakemake -c2` (results and MLflow under tmp)."""
+    work = tmp_path_factory.mktemp("tiny")
+    config = write_config(work, TINY)
+    start = time.monotonic()
+    proc = snakemake(work, config, "-c2")
+    elapsed = time.monotonic() - start
+    return SimpleNamespace(work=work, config=config, proc=proc, elapsed=elapsed,
+                           exp_dir=work / "results" / TINY["experiment"])
+
+
+def test_the_tiny_dag_runs_end_to_end_in_under_3_minutes(tiny_run):
+    assert tiny_run.proc.returncode == 0, tiny_run.proc.stderr[-5000:]
+    assert tiny_run.elapsed < DAG_LIMIT_S, f"the tiny DAG took {tiny_run.elapsed:.0f} s"
+    table = pd.read_csv(tiny_run.exp_dir / "tables" / "ablation.csv")
+    assert table["row"].tolist() == ["moco_v2", "+ft"]
+    for metric in ("linear_top1", "knn_top1"):
+        assert {f"{metric}_mean", f"{metric}_std", f"{metric}_delta"} <= set(table.columns)
+        assert table[f"{metric}_mean"].between(0, 100).all()
+    assert table["n_seeds"].tolist() == [1, 1]
+    assert table.set_index("row").loc["moco_v2", "linear_top1_delta"] == 0
+    assert "protocol" in table.columns
+    for ext in ("md", "tex"):
+        assert "+ft" in (tiny_run.exp_dir / "tables" / f"ablation.{ext}").read_text()
+    for row in ("moco_v2", "+ft"):
+        run_config = yaml.safe_load((tiny_run.exp_dir / row / "seed0" / "config.yaml").read_text())
+        assert run_config["seed"] == 0 and run_config["tracking"]["tags"] == {"row": row, "seed": 0}
+    assert yaml.safe_load((tiny_run.exp_dir / "+ft" / "seed0" / "config.yaml").read_text())["ft"]["positive"][
+        "mode"] == "extrapolate"
+
+
+def test_mlflow_holds_each_row_and_stage_with_metrics_and_score_distributions(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tiny_run.work / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(TINY["experiment"])
+    runs = client.search_runs([experiment.experiment_id])
+    by_key: dict[tuple[str | None, str | None], list] = {}
+    for run in runs:
+        by_key.setdefault((run.data.tags.get("ftcl.row"), run.data.tags.get("ftcl.stage")), []).append(run)
+    for row in ("moco_v2", "+ft"):
+        for stage in ("parent", "pretrain", "linear", "knn"):
+            assert len(by_key.get((row, stage), [])) == 1, f"{row} {stage}: {sorted(by_key)}"
+        parent = by_key[(row, "parent")][0].info.run_id
+        pretrain, linear, knn = (by_key[(row, stage)][0] for stage in ("pretrain", "linear", "knn"))
+        for run in (pretrain, linear, knn):
+            assert run.data.tags["mlflow.parentRunId"] == parent
+            assert run.data.tags["ftcl.launcher"] == "local" and run.data.tags["ftcl.seed"] == "0"
+            assert run.info.status == "FINISHED"
+        assert any(name.startswith("scores/") for name in pretrain.data.metrics)
+        assert "linear/top1" in linear.data.metrics and "knn/top1" in knn.data.metrics
+        scores = [a.path for a in client.list_artifacts(pretrain.info.run_id, "score_distribution")]
+        assert any(p.endswith(".parquet") for p in scores) and any(p.endswith(".png") for p in scores), scores
+    assert len(by_key[(None, "aggregate")]) == 1  # tables and plots, logged by `ftcl aggregate`
+
+
+def test_an_unchanged_pipeline_or_new_launcher_settings_rerun_nothing(tiny_run):
+    assert tiny_run.proc.returncode == 0
+    proc = snakemake(tiny_run.work, tiny_run.config, "-n")
+    assert planned_jobs(proc) == [] and "Nothing to be done" in proc.stdout + proc.stderr
+    cfg = copy.deepcopy(TINY)
+    cfg["launcher"]["local"] = {"cpus_per_task": 2, "timeout_min": 60}
+    assert planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, cfg, "launcher.yaml"), "-n")) == []
+
+
+def test_editing_one_row_reruns_only_that_row_and_adding_one_runs_only_it(tiny_run):
+    assert tiny_run.proc.returncode == 0
+    edited = copy.deepcopy(TINY)
+    edited["ablations"][1]["overrides"]["ft.positive.alpha"] = 3.0
+    jobs = planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, edited, "edited.yaml"), "-n"))
+    assert {row for _, row in jobs} == {"+ft", None}
+    assert {rule for rule, row in jobs if row == "+ft"} == {"run_config", "pretrain", "linear", "knn"}
+    assert {rule for rule, row in jobs if row is None} <= {"pipeline_config", "aggregate", "all"}
+
+    added = copy.deepcopy(TINY)
+    added["ablations"].append({"name": "+pos_extrapolation", "overrides": {"ft.positive.mode": "extrapolate"}})
+    jobs = planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, added, "added.yaml"), "-n"))
+    assert {row for _, row in jobs} == {"+pos_extrapolation", None}
+
+
+def _unknown_key(cfg, tmp):
+    cfg["ablations"][1]["overrides"]["ft.positive.mdoe"] = "extrapolate"
+    return ["ablation row '+ft'", "'ft.positive.mdoe'"]
+
+
+def _duplicate_name(cfg, tmp):
+    cfg["ablations"][1]["name"] = "moco_v2"
+    return ["ablation row 'moco_v2'", "two rows"]
+
+
+def _missing_dataset_root(cfg, tmp):
+    cfg["ablations"][1]["overrides"]["data.root"] = str(tmp / "no-such-folder")
+    return ["ablation row '+ft'", "'data.root'", "does not exist"]
+
+
+def _bad_value(cfg, tmp):
+    cfg["ablations"][0]["overrides"]["optim.epochs"] = 0
+    return ["ablation row 'moco_v2'", "'optim.epochs'"]
+
+
+def _pipeline_key_in_a_row(cfg, tmp):
+    cfg["ablations"][1]["overrides"]["seed"] = 3
+    return ["ablation row '+ft'", "'seed'", "set by the pipeline"]
+
+
+def _two_baselines(cfg, tmp):
+    cfg["ablations"][1]["baseline"] = True
+    return ["exactly one ablation row", "'moco_v2', '+ft'"]
+
+
+def _unknown_launcher_setting(cfg, tmp):
+    cfg["launcher"]["local"]["partition"] = "gpu"
+    return ["launcher.local", "'partition'"]
+
+
+@pytest.mark.parametrize("breaks", [_unknown_key, _duplicate_name, _missing_dataset_root, _bad_value,
+                                    _pipeline_key_in_a_row, _two_baselines, _unknown_launcher_setting],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_bad_config_fails_before_any_job_naming_the_row_and_key(tmp_path, breaks):
+    cfg = copy.deepcopy(TINY)
+    expected = breaks(cfg, tmp_path)
+    proc = snakemake(tmp_path, write_config(tmp_path, cfg), "-c1")
+    assert proc.returncode != 0
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+    assert not (tmp_path / "results").exists()  # nothing was written, no job was submitted
+
+
+def test_the_lint_is_clean(tmp_path):
+    proc = snakemake(tmp_path, write_config(tmp_path, TINY), "--lint")
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "paper/imagenet100_mocov2.yaml", "paper/imagenet1k_moco.yaml"])
+def test_every_shipped_config_plans_each_row_and_seed(tmp_path, name):
+    cfg = yaml.safe_load((REPO / "config" / name).read_text())
+    data = cfg["defaults"]["data"]
+    data["root"] = str(tmp_path / "data")  # stands in for the user's dataset copy
+    (tmp_path / "data").mkdir()
+    if data.get("class_list"):
+        data["class_list"] = str(REPO / data["class_list"])
+    jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, cfg), "-n"))
+    rows = [row["name"] for row in cfg["ablations"]]
+    assert sum(1 for rule, _ in jobs if rule == "pretrain") == len(rows) * len(cfg["seeds"])
+    assert {row for _, row in jobs if row} == set(rows)
+    assert sum(1 for row in cfg["ablations"] if row.get("baseline")) == 1
+    assert ("aggregate", None) in jobs
