@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftcl.errors import CheckpointError
+
 FORMAT = "ftcl-pretrain/1"
 LAST = "last.pt"
 _EPOCH_RE = re.compile(r"epoch_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, corrupted or belongs to another architecture."""
+__all__ = ["CheckpointError"]
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

@@ -14,7 +14,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMAND_MODULES = ("ftcl.launch", "ftcl.detect", "ftcl.aggregate", "ftcl.ui")
+# module -> the sub-commands its ``register_cli`` adds; only the invoked one's module is imported,
+# so light commands (``ftcl submit`` waiting on a job) start without importing torch.
+COMMAND_MODULES = {
+    "ftcl.launch": ("submit",),
+    "ftcl.detect": ("detect",),
+    "ftcl.aggregate": ("aggregate", "table"),
+    "ftcl.ui": ("ui",),
+}
 
 CONFIG_HELP = "run config YAML (keys: ftcl/resources/config.schema.yaml); defaults fill the rest"
 SET_HELP = ("override one config key, e.g. --set optim.epochs=10 --set ft.positive.mode=extrapolate "
@@ -96,7 +103,8 @@ def _evaluate(args: argparse.Namespace, stage: str) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ftcl`` parser; with ``command`` given, only the module defining it is imported."""
     parser = argparse.ArgumentParser(
         prog="ftcl",
         description="Contrastive pretraining with feature transformation (MoCo + FT), evaluation, and the "
@@ -117,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file")
         p.set_defaults(func=lambda a, s=stage: _evaluate(a, s))
 
-    for name in COMMAND_MODULES:
+    for name, commands in COMMAND_MODULES.items():
+        if command is not None and command not in commands:
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
@@ -130,20 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ftcl`` console script; returns the exit status."""
-    from ftcl.checkpoint import CheckpointError
-    from ftcl.config import ConfigError
-    from ftcl.data.datasets import CorruptImageError
-    from ftcl.tracking import TrackingError
-    from ftcl.train import NonFiniteLossError
+    from ftcl.errors import USER_ERRORS
 
-    user_errors = (ConfigError, CheckpointError, TrackingError, CorruptImageError, NonFiniteLossError,
-                   FileNotFoundError, PermissionError)
-
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = {c for commands in COMMAND_MODULES.values() for c in commands}
+    parser = build_parser(argv[0] if argv and argv[0] in known | {"pretrain", "linear", "knn"} else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except user_errors as err:
+    except USER_ERRORS as err:
         print(f"ftcl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

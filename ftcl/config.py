@@ -18,11 +18,11 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ftcl.errors import ConfigError
+
 Config = dict[str, Any]
 
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message says which and why."""
+__all__ = ["ConfigError"]  # defined in ftcl.errors, re-exported here
 
 
 def _resource_yaml(name: str) -> Any:

@@ -16,12 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ftcl.errors import TrackingError
+
+__all__ = ["TrackingError", "Tracker"]
 RUN_ID_FILE = ".mlflow_run_id"
 DEFAULT_RESULTS = "results"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or used; the message names the URI."""
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:

@@ -22,16 +22,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftcl import checkpoint as ckpt
-from ftcl.config import ConfigError, dump
+from ftcl.config import dump
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
+from ftcl.errors import ConfigError, NonFiniteLossError
 from ftcl.methods.base import Method, StepOutput, build_method, ema_update
 from ftcl.models.backbones import build_backbone
 from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 class RunLogger(Protocol):

@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ftcl.errors import CorruptImageError
 from ftcl.registry import Registry
 
 SPLITS = ("train", "test")
@@ -204,10 +205,6 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
         resized = F.interpolate(block, size=(size, size), mode="bilinear", antialias=True)
         out[start : start + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
-
-
-class CorruptImageError(OSError):
-    """An image file that cannot be decoded; the message names it."""
 
 
 def load_rgb(path: Path) -> Image.Image:
