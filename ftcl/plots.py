@@ -207,7 +207,7 @@ def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4)
             density = counts / (counts.sum() * widths) if counts.sum() > 0 else counts
             ax.stairs(density, edges, fill=True, color=color, alpha=0.35)
             ax.stairs(density, edges, color=color, linewidth=1.2, label=label)
-        ax.set_title(f"{row} · epoch {epoch}", fontsize=10)
+        ax.set_title(f"{row} · epoch {epoch + 1}", fontsize=10)
         ax.set_xlabel("cosine score")
         ax.set_ylabel("density")
     for ax in list(axes.flat)[len(hists):]:

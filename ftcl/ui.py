@@ -1,0 +1,332 @@
+"""``ftcl ui``: the MLflow UI on the project's store, started fast and stopped cleanly.
+
+It runs ``mlflow server`` as a child process in its own session (so its own process group) with
+one worker and MLflow's background job execution off (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``):
+on a small machine that starts in seconds as two processes instead of a dozen. It waits until the
+server answers ``/health``, prints the URL to open (the experiment's page with ``--experiment``),
+and on Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every process it started: SIGTERM to the whole
+process group and to every descendant seen, a grace period, then SIGKILL to whatever is left.
+
+The store is the one the stages write: ``--tracking-uri`` (or ``$MLFLOW_TRACKING_URI``), else
+``sqlite:///<results-dir>/mlflow.db``; new experiments created from the UI put their artifacts in
+``<results-dir>/mlartifacts`` (as :mod:`ftcl.tracking` does). A tracking URI that is already a
+server (``http(s)://``) needs no UI process: its URL is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PORT = 5000
+HEALTH_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def store_uri(tracking_uri: str | None, results_dir: str | Path = "results") -> str:
+    """``tracking_uri`` as given, else ``$MLFLOW_TRACKING_URI``, else the project's sqlite store
+    ``sqlite:///<abs results_dir>/mlflow.db`` (not created here)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def default_artifact_root(uri: str) -> str | None:
+    """Where new experiments keep artifacts: ``mlartifacts`` beside a sqlite store (the same root
+    :func:`ftcl.tracking.artifact_root` uses), else the server's default."""
+    db = sqlite_path(uri)
+    return str(db.parent / "mlartifacts") if db is not None else None
+
+
+def server_command(uri: str, host: str, port: int, artifact_root: str | None = None) -> list[str]:
+    """The ``mlflow server`` command line (same Python as this process, one worker)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--host", host, "--port", str(port), "--workers", "1"]
+    if artifact_root:
+        cmd += ["--default-artifact-root", artifact_root]
+    return cmd
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and its consumer processes
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a local results browser sends no usage data
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def base_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+def experiment_url(base: str, experiment_id: str | None) -> str:
+    """The UI page of an experiment, or the UI's home page.
+
+    ``<base>/#/experiments/<id>?workflowType=machine_learning``: MLflow 3's UI otherwise opens an
+    experiment in its GenAI mode (an empty traces overview) instead of the runs table.
+    """
+    base = base.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- REST
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our own localhost server)
+        return json.loads(resp.read().decode() or "{}")
+
+
+def healthy(base: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as resp:  # noqa: S310
+            return resp.status == 200
+    except Exception:  # refused, reset, timed out, half-started server
+        return False
+
+
+def experiment_id(base: str, name: str) -> str | None:
+    """The id of experiment ``name`` on the server at ``base``; None when there is none."""
+    query = urllib.parse.urlencode({"experiment_name": name})
+    try:
+        return str(_get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}")["experiment"]["experiment_id"])
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def experiment_names(base: str) -> list[str]:
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search", method="POST",
+                                 data=json.dumps({"max_results": 1000}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+            return [e["name"] for e in json.loads(resp.read().decode()).get("experiments", [])]
+    except (OSError, ValueError):
+        return []
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _descendants(pid: int) -> list:
+    """Every live descendant of ``pid`` (psutil processes; empty without psutil)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with snakemake
+        return []
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_S, known: Sequence = ()) -> None:
+    """Stop ``proc`` (the leader of its own process group) and everything it started.
+
+    SIGTERM to the group and to every descendant seen now or in ``known`` (psutil processes, which
+    covers one that left the group), wait up to ``grace`` seconds for all of them, then SIGKILL
+    the group and whatever is left, and reap them.
+    """
+    pgid = proc.pid  # start_new_session=True: the child leads its own group
+    procs = {p.pid: p for p in [*known, *_descendants(proc.pid)]}
+    _signal_group(pgid, signal.SIGTERM)
+    for p in procs.values():
+        with contextlib.suppress(Exception):
+            p.terminate()
+    deadline = time.monotonic() + grace
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    alive = list(procs.values())
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        _, alive = psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
+    _signal_group(pgid, signal.SIGKILL)  # stragglers still in the group (none after a clean stop)
+    for p in alive:
+        with contextlib.suppress(Exception):
+            p.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    with contextlib.suppress(Exception):
+        import psutil
+
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _tail(path: Path | None, lines: int = 30) -> str:
+    if path is None or not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- command
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    uri = store_uri(args.tracking_uri, args.results_dir)
+    if uri.startswith(("http://", "https://")):  # already a server with its own UI
+        base = uri.rstrip("/")
+        try:
+            exp_id = experiment_id(base, args.experiment) if args.experiment else None
+        except OSError as err:
+            print(f"ftcl ui: error: tracking server {uri} does not answer ({err})", file=sys.stderr)
+            return 1
+        print(f"{uri} is a tracking server already; its UI is at:\n  {experiment_url(base, exp_id)}", flush=True)
+        return 0
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise FileNotFoundError(f"no MLflow store at {db} (run a stage or the pipeline first, or give "
+                                "--tracking-uri / --results-dir)")
+    port = free_port(args.host) if args.port == 0 else args.port
+    if port_in_use(args.host, port):
+        print(f"ftcl ui: error: port {port} on {args.host} is in use (another UI?); pick one with --port P, "
+              "or --port 0 for a free one", file=sys.stderr)
+        return 2
+    base = base_url(args.host, port)
+    log_path: Path | None
+    if args.log == "-":
+        log_path, log_file = None, None
+    else:
+        if args.log:
+            log_path = Path(args.log)
+        elif db is not None:
+            log_path = db.parent / "mlflow-ui.log"
+        else:
+            log_path = Path(tempfile.gettempdir()) / f"ftcl-ui-{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w")  # noqa: SIM115 (closed in finally)
+
+    stop_requested: list[int] = []
+
+    def on_signal(signum, _frame):  # only note it: the loops below poll, so no process is missed
+        stop_requested.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    proc: subprocess.Popen | None = None
+    seen: list = []
+    try:
+        cmd = server_command(uri, args.host, port, default_artifact_root(uri))
+        print(f"[ui] starting the MLflow UI on {uri} (one worker, job execution off)"
+              + (f"; server log: {log_path}" if log_path else ""), flush=True)
+        proc = subprocess.Popen(cmd, env=server_env(), start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+
+        def log_hint() -> str:
+            return f"; its log ({log_path}):\n{_tail(log_path)}" if log_path else ""
+
+        t0 = time.monotonic()
+        while not stop_requested and not healthy(base):
+            if proc.poll() is not None:
+                print(f"ftcl ui: error: the MLflow server exited with status {proc.returncode} before it "
+                      f"answered {base}/health" + log_hint(), file=sys.stderr)
+                return 1
+            if time.monotonic() - t0 > args.timeout:
+                print(f"ftcl ui: error: no answer from {base}/health after {args.timeout:.0f} s"
+                      + log_hint(), file=sys.stderr)
+                return 1
+            seen = _descendants(proc.pid) or seen
+            time.sleep(0.2)
+        if not stop_requested:
+            seen = _descendants(proc.pid) or seen
+            exp_id = None
+            if args.experiment:
+                try:
+                    exp_id = experiment_id(base, args.experiment)
+                except Exception as err:  # the UI still works; only the link is less direct
+                    print(f"[ui] warning: could not look up experiment {args.experiment!r} ({err})", flush=True)
+                    exp_id = None
+                if exp_id is None:
+                    names = ", ".join(experiment_names(base)) or "none"
+                    print(f"[ui] warning: no experiment {args.experiment!r} in {uri} (experiments: {names}); "
+                          "showing the experiment list", flush=True)
+            print(f"[ui] ready after {time.monotonic() - t0:.1f} s. Open:\n\n    {experiment_url(base, exp_id)}\n\n"
+                  "[ui] Ctrl-C stops it.", flush=True)
+        while not stop_requested and proc.poll() is None:
+            time.sleep(0.2)
+        if not stop_requested:
+            print(f"ftcl ui: error: the MLflow server exited with status {proc.returncode}"
+                  + log_hint(), file=sys.stderr)
+            return 1
+        print(f"\n[ui] {signal.Signals(stop_requested[0]).name}: stopping the MLflow UI ...", flush=True)
+        return 0
+    finally:
+        if proc is not None:
+            stop_process_tree(proc, known=seen)
+            if stop_requested:
+                print("[ui] stopped.", flush=True)
+        if log_file:
+            log_file.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``ftcl ui``."""
+    p = subparsers.add_parser(
+        "ui",
+        help="start the MLflow UI on the project's store and print the URL to open",
+        description="Start the MLflow UI (mlflow server, one worker, background jobs off) on the store "
+        "the stages write, wait until it answers, print the URL to open (the experiment's page with "
+        "--experiment), and stop every process it started on Ctrl-C.",
+    )
+    p.add_argument("--experiment", default=None, help="open this MLflow experiment (default: the experiment list)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS_DIR/mlflow.db)")
+    p.add_argument("--results-dir", default="results",
+                   help="results folder of the default sqlite store (default: results)")
+    p.add_argument("--log", default=None,
+                   help="server log file (default: mlflow-ui.log beside a sqlite store); '-' shows it here")
+    p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S,
+                   help=f"seconds to wait for the server to answer (default {HEALTH_TIMEOUT_S:.0f})")
+    p.set_defaults(func=cmd_ui)
