@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import submitit
+import yaml
 from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError, pickle_load
 from submitit.local.debug import DebugJob
 
@@ -125,6 +126,55 @@ def stage_settings(section: Mapping[str, Any], launcher: str, stage: str | None)
         settings = deep_merge(settings, section["stages"][stage])
         where = f"launcher.slurm + launcher.stages.{stage}"
     return check_settings(launcher, settings, where)
+
+
+_NULL_TEXT = ("None", "null")
+_BOOL_TEXT = {"True": True, "true": True, "False": False, "false": False}
+
+
+def _from_text(value: Any, want: type | tuple[type, ...]) -> Any:
+    """``value`` read back from text when it is text but the setting is not (``"8"`` -> 8)."""
+    if not isinstance(value, str):
+        return value
+    if value in _NULL_TEXT:
+        return None
+    if want is str or want in (dict, list):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, want) else value  # anything else is reported by check_settings
+
+
+def settings_from_text(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A pipeline config's ``launcher:`` section with settings that arrived as text given their types.
+
+    Snakemake hands nested ``--config`` values, and with them a profile's ``config:`` (e.g.
+    ``snakemake --profile slurm``), to the workflow as text: ``'8'``, ``'True'``, ``'None'``. Settings
+    that are numbers or booleans are read back as YAML, ``'None'``/``'null'`` mean unset, and the
+    values of ``additional_parameters`` get their booleans back (sbatch flags); text settings stay text.
+    """
+    out = dict(section)
+
+    def retype(launcher: str, settings: Any) -> Any:
+        if not isinstance(settings, Mapping):
+            return settings
+        allowed = SETTINGS[launcher]
+        typed = {key: _from_text(value, allowed.get(key, str)) for key, value in settings.items()}
+        if isinstance(typed.get("additional_parameters"), Mapping):
+            typed["additional_parameters"] = {
+                k: _BOOL_TEXT.get(v, v) if isinstance(v, str) else v
+                for k, v in typed["additional_parameters"].items() if not (isinstance(v, str) and v in _NULL_TEXT)
+            }
+        return typed
+
+    for launcher in LAUNCHERS:
+        if launcher in out:
+            out[launcher] = retype(launcher, out[launcher])
+    if isinstance(out.get("stages"), Mapping):
+        out["stages"] = {stage: retype("slurm", settings) for stage, settings in out["stages"].items()}
+    return out
 
 
 def parse_options(options: Sequence[str]) -> dict[str, Any]:

@@ -79,7 +79,9 @@ def test_the_tiny_dag_runs_end_to_end_in_under_3_minutes(tiny_run):
         assert "+ft" in (tiny_run.exp_dir / "tables" / f"ablation.{ext}").read_text()
     for row in ("moco_v2", "+ft"):
         run_config = yaml.safe_load((tiny_run.exp_dir / row / "seed0" / "config.yaml").read_text())
-        assert run_config["seed"] == 0 and run_config["tracking"]["tags"] == {"row": row, "seed": 0}
+        tags = run_config["tracking"]["tags"]
+        assert run_config["seed"] == 0 and tags["row"] == row and tags["seed"] == 0
+        assert "row overrides:" in tags["description"]
     assert yaml.safe_load((tiny_run.exp_dir / "+ft" / "seed0" / "config.yaml").read_text())["ft"]["positive"][
         "mode"] == "extrapolate"
 

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -69,6 +70,13 @@ def _check_dataset(run_cfg, where):
         )
 
 
+def row_description(row, overrides):
+    """The parent run's description in the MLflow UI: the row's text and its own overrides."""
+    text = (row.get("description") or "").strip()
+    listed = ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) or "none (the pipeline defaults)"
+    return f"{text}\n\nrow overrides: {listed}".strip()
+
+
 def check_rows(cfg):
     """The ablation rows by name, each with its resolved run config (seed still to set).
 
@@ -98,7 +106,8 @@ def check_rows(cfg):
         _pipeline_keys_in(overrides, where)
         base = runconfig.deep_merge(
             cfg["defaults"],
-            {"experiment": cfg["experiment"], "tracking": {**tracking, "tags": {"row": name}}},
+            {"experiment": cfg["experiment"],
+             "tracking": {**tracking, "tags": {"row": name, "description": row_description(row, overrides)}}},
         )
         try:
             resolved = runconfig.resolve(overrides=overrides, base=base)
@@ -186,8 +195,42 @@ def find_ftcl():
     )
 
 
+def profiles_in_use():
+    """Names of the Snakemake profiles this run was started with (--profile NAME or a path to it,
+    else $SNAKEMAKE_PROFILE); Snakemake does not tell the workflow, so they are read from argv."""
+    argv, given = sys.argv[1:], []
+    for i, arg in enumerate(argv):
+        if arg == "--profile" and i + 1 < len(argv):
+            given.append(argv[i + 1])
+        elif arg.startswith("--profile="):
+            given.append(arg.split("=", 1)[1])
+    from_env = os.environ.get("SNAKEMAKE_PROFILE")
+    if not given and from_env:
+        given.append(from_env)
+    paths = [Path(value) for value in given]
+    return [path.parent.name if path.suffix in (".yaml", ".yml") else path.name for path in paths]
+
+
+def check_slurm_profile():
+    """Stop when `--profile slurm` is in use but its `config:` did not reach the workflow: a --config
+    on the command line replaces the profile's whole `config:` entry, and with it launcher.name:
+    slurm (every stage would run on this host) and the cluster settings."""
+    if "slurm" in profiles_in_use() and "launcher" not in (workflow.config_settings.config or {}):
+        raise WorkflowError(
+            "--profile slurm is in use, but its `config:` (launcher.name: slurm and your cluster settings) "
+            "did not reach the workflow: a --config given on the command line replaces the profile's whole "
+            "`config:` entry, so stages would run on this host or without your cluster settings. Put those "
+            "--config values in the profile's `config:` (slurm/profile.yaml) instead, or give the launcher "
+            "settings in --config too, e.g. launcher='{name: slurm, slurm: {partition: gpu}}' (README.md, SLURM)."
+        )
+
+
 FTCL = find_ftcl()
+# Nested --config values, and so a profile's `config:` (--profile slurm), reach the workflow as text
+# ('8', 'True'): the launcher settings get their types back.
+config["launcher"] = launch.settings_from_text(config["launcher"])
 LAUNCHER = config["launcher"]["name"]
+check_slurm_profile()
 
 
 class Unrecorded:
