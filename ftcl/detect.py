@@ -6,7 +6,8 @@ Learning", CVPR 2020, sec. 4.2), which the FT paper (Zhu et al., ICCV 2021) foll
 14x14 RoIAlign features), all layers fine-tuned, SyncBN, VOC07+12 trainval, 24k iterations of batch
 16 at lr 0.02 (momentum 0.9, weight decay 1e-4, x0.1 at 18k and 22k, 100 linear warm-up
 iterations), training short side 480-800, test short side 800, evaluated on VOC07 test. Those are
-the defaults of the ``detection`` config section (:data:`DEFAULTS`); a demo config shrinks them.
+the defaults of the ``detection`` config section (``ftcl/resources/defaults.yaml``); a demo config
+shrinks them.
 
 Models are torchvision's ``FasterRCNN``: the ``c4`` head as above, or ``fpn`` (res2-res5 under
 ``BackboneWithFPN``, torchvision's two-layer MLP box head). Channel counts come from the backbone,
@@ -52,55 +53,6 @@ from ftcl.config import Config, ConfigError
 from ftcl.data import detection as ddata
 from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "voc",
-    "root": None,
-    "test_root": None,
-    "train_sets": [[2007, "trainval"], [2012, "trainval"]],
-    "test_sets": [[2007, "test"]],
-    "coco": {"train_json": None, "train_images": None, "test_json": None, "test_images": None},
-    "scenes": {"folder": None, "canvas": 96, "items": [2, 4], "item_size": [24, 48], "noise": 0.1,
-               "num_train": 1000, "num_test": 300, "seed": 0},
-    "classes": None,
-    "init": "pretrained",
-    "supervised_weights": None,
-    "head": "c4",
-    "norm": "sync",
-    "freeze_at": 0,
-    "fpn_channels": 256,
-    "min_size": list(range(480, 801, 32)),
-    "max_size": 1333,
-    "image_mean": None,
-    "image_std": None,
-    "anchor_sizes": [32, 64, 128, 256, 512],
-    "aspect_ratios": [0.5, 1.0, 2.0],
-    "rpn_batch_size": 256,
-    "rpn_pre_nms_top_n": [12000, 6000],
-    "rpn_post_nms_top_n": [2000, 1000],
-    "roi_batch_size": 512,
-    "roi_pool_size": 14,
-    "detections_per_image": 100,
-    "score_threshold": 0.05,
-    "iterations": 24000,
-    "batch_size": 16,
-    "lr_per_16": 0.02,
-    "momentum": 0.9,
-    "weight_decay": 1.0e-4,
-    "warmup_iterations": 100,
-    "warmup_factor": 0.001,
-    "milestones": [18000, 22000],
-    "gamma": 0.1,
-    "hflip": True,
-    "eval_batch_size": 8,
-    "num_workers": 2,
-    "log_every": 20,
-}
-CHOICES = {
-    "dataset": ("voc", "folder", "coco", "scenes"),
-    "init": ("pretrained", "random", "supervised"),
-    "head": ("c4", "fpn"),
-    "norm": ("frozen", "sync", "train"),
-}
 METRICS = ("AP", "AP50", "AP75", "VOC07_AP50")
 RESULT_FILE = "detection.json"
 PER_CLASS_FILE = "per_class_ap.csv"
@@ -109,25 +61,13 @@ FPN_LEVELS = 5  # P2-P5 plus the max-pooled P6
 
 # ------------------------------------------------------------------------------------------ config
 def detection_settings(cfg: Mapping) -> dict[str, Any]:
-    """``cfg["detection"]`` merged over :data:`DEFAULTS`; unknown keys and values raise ConfigError."""
-    given = cfg.get("detection") or {}
-    _check_keys(given, DEFAULTS, "detection")
-    det = config.deep_merge(DEFAULTS, given)
-    for key, allowed in CHOICES.items():
-        if det[key] not in allowed:
-            raise ConfigError(f"key 'detection.{key}' has value {det[key]!r}; allowed: {', '.join(allowed)}")
+    """The run config's ``detection`` section (defaults filled and schema-checked by
+    :func:`ftcl.config.resolve`), plus the checks a schema cannot express."""
+    det = dict(cfg["detection"])
     if det["head"] == "fpn" and len(det["anchor_sizes"]) != FPN_LEVELS:
         raise ConfigError(f"key 'detection.anchor_sizes' has {len(det['anchor_sizes'])} sizes; the fpn head "
                           f"needs one per level ({FPN_LEVELS})")
     return det
-
-
-def _check_keys(given: Mapping, reference: Mapping, prefix: str) -> None:
-    for key, value in given.items():
-        if key not in reference:
-            raise ConfigError(f"unknown key '{prefix}.{key}'; allowed here: {', '.join(sorted(reference))}")
-        if isinstance(reference[key], Mapping) and isinstance(value, Mapping):
-            _check_keys(value, reference[key], f"{prefix}.{key}")
 
 
 def resolve_config(path: str | Path | None, overrides: Sequence[str]) -> tuple[Config, dict[str, Any]]:
@@ -229,7 +169,7 @@ def stage_channels(backbone: nn.Module) -> list[int]:
 def build_detector(init: str, checkpoint: str | Path | None, head: str, num_classes: int, norm: str, *,
                    model_cfg: Mapping | None = None, in_channels: int = 3,
                    supervised_weights: str | Path | None = None,
-                   settings: Mapping[str, Any] = DEFAULTS,
+                   settings: Mapping[str, Any] | None = None,
                    image_mean: Sequence[float] = IMAGENET_MEAN,
                    image_std: Sequence[float] = IMAGENET_STD) -> FasterRCNN:
     """A torchvision Faster R-CNN for ``num_classes`` object classes (plus background).
@@ -242,6 +182,7 @@ def build_detector(init: str, checkpoint: str | Path | None, head: str, num_clas
     """
     backbone = initial_backbone(init, checkpoint, model_cfg, in_channels, supervised_weights)
     channels = stage_channels(backbone)
+    settings = settings if settings is not None else config.defaults()["detection"]
     parts = resnet_parts(backbone, int(settings["freeze_at"]))
     s = settings
     common = dict(
@@ -271,7 +212,7 @@ def build_detector(init: str, checkpoint: str | Path | None, head: str, num_clas
         anchors = AnchorGenerator(tuple((a,) for a in sizes), (ratios,) * len(sizes))
         model = FasterRCNN(fpn, num_classes + 1, rpn_anchor_generator=anchors, **common)
     else:
-        raise ConfigError(f"detection.head {head!r}; allowed: {', '.join(CHOICES['head'])}")
+        raise ConfigError(f"detection.head {head!r}; allowed: c4, fpn")
     return convert_norm(model, norm)
 
 
@@ -329,7 +270,8 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
 
     lr = ``lr_per_16 * batch_size / 16`` (linear scaling) following :func:`lr_at`; momentum,
     weight decay (:func:`parameter_groups`), random horizontal flips, sampling without replacement
-    epoch after epoch, all seeded by ``seed``. A non-finite loss stops the run with an error.
+    epoch after epoch, all seeded by ``seed``; gradients clipped to ``clip_grad_norm`` when set
+    (short, high-lr CPU schedules). A non-finite loss stops the run with an error.
     """
     iterations, batch_size = int(det["iterations"]), int(det["batch_size"])
     if iterations == 0:
@@ -358,6 +300,8 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
             raise FloatingPointError(f"detection loss is {loss.item()} at iteration {it} ({_fmt(losses)})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if det["clip_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(det["clip_grad_norm"]))
         optimizer.step()
         if it == 1 or it % int(det["log_every"]) == 0 or it == iterations:
             rate = (time.perf_counter() - start) / it

@@ -55,7 +55,8 @@ def write_pretrain_checkpoint(folder: Path, overrides: dict, in_channels: int = 
 
 
 def small_settings(**extra) -> dict:
-    return detection_settings({"detection": {**SMALL_DETECTOR, **extra}})
+    overrides = {f"detection.{k}": v for k, v in {**SMALL_DETECTOR, **extra}.items()}
+    return detection_settings(config.resolve(overrides=overrides))
 
 
 # ------------------------------------------------------------------ (i) the checkpoint's weights
@@ -117,9 +118,9 @@ def test_pretrained_init_without_checkpoint_and_supervised_without_weights_are_c
 
 def test_unknown_detection_key_or_value_is_rejected():
     with pytest.raises(ConfigError, match="detection.iteration"):
-        detection_settings({"detection": {"iteration": 5}})
+        config.resolve(overrides={"detection.iteration": 5})
     with pytest.raises(ConfigError, match="detection.head"):
-        detection_settings({"detection": {"head": "c5"}})
+        config.resolve(overrides={"detection.head": "c5"})
 
 
 # ------------------------------------------------------------------ (ii) VOC loader on real files
