@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench.py                 # CPU demo model (what CI sees)
     .venv/bin/python benchmarks/bench.py --gpu           # ResNet-50, 224 px, K=65536, bf16, on one GPU
 
-Section "methods": training images/s of plain MoCo, MoCo + FT and MoCo + FT + score recording,
-each as a ratio to plain MoCo. The variants are timed in interleaved rounds (A B C A B C ...) on
-the same batch so that machine noise hits all of them alike; the median round is reported.
+Section "methods": training images/s of plain MoCo, MoCo + FT, MoCo + FT + score recording,
+MoCo + FA, MoCo + HSG, BYOL (+ FA) and SimSiam, each as a ratio to plain MoCo. The variants are
+timed in interleaved rounds (A B C A B C ...) on the same batch so that machine noise hits all of
+them alike; the median round is reported. ``--only a,b`` times a subset (moco is always kept).
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ CPU_MODEL = {"model.width": 16, "model.small_stem": False, "method.queue_size": 
 GPU_MODEL = {"model.backbone": "resnet50", "model.width": 64, "method.queue_size": 65536, "model.feature_dim": 128,
              "optim.batch_size": 256, "optim.amp": True, "optim.channels_last": True}
 FT = {"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"}
+FA = {"fa.enabled": True}  # Gaussian FA: augmented keys as positives, augmented queue as negatives
+HSG = {"hsg.enabled": True}  # a pair of generators sized to the resolution, one extra encoder pass per pair
+BYOL = {"method.name": "byol", "model.head": "mlp_bn"}
+SIMSIAM = {"method.name": "simsiam", "model.head": "mlp_bn"}
+VARIANTS: dict[str, tuple[dict, bool]] = {
+    "moco": ({}, False),
+    "moco+ft": (FT, False),
+    "moco+ft+scores": (FT, True),
+    "moco+scores": ({}, True),
+    "moco+fa": (FA, False),
+    "moco+hsg": (HSG, False),
+    "byol": (BYOL, False),
+    "byol+fa": ({**BYOL, **FA, "fa.placement": "parallel"}, False),
+    "byol+scores": (BYOL, True),
+    "simsiam": (SIMSIAM, False),
+}
 
 
 @dataclass
@@ -79,6 +96,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="ResNet-50 224 px K=65536 bf16 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", default=None, help="comma-separated variants to time (moco is always kept)")
     args = parser.parse_args()
 
     if args.gpu:
@@ -93,15 +111,17 @@ def main() -> None:
         steps = args.steps or 4
         desc = (f"ResNet-18 width 16, 28 px, K=4096, batch 256 on CPU ({torch.get_num_threads()} threads, "
                 f"{platform.processor() or platform.machine()})")
+    base = {**base, "data.image_size": size}  # what HSG's generator is sized to
     data = SyntheticImages(size, channels, (0.5,) * channels, (0.25,) * channels)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, channels, size, size), dtype=torch.uint8, generator=gen).to(device)
-    variants = {
-        "moco": ({}, False),
-        "moco+ft": (FT, False),
-        "moco+ft+scores": (FT, True),
-        "moco+scores": ({}, True),
-    }
+    variants = VARIANTS
+    if args.only:
+        wanted = {"moco", *args.only.split(",")}
+        unknown = wanted - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"--only: unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+        variants = {k: v for k, v in VARIANTS.items() if k in wanted}
     print(f"# methods: {desc}; {args.rounds} interleaved rounds of {steps} steps, median")
     ips = bench_methods(base, variants, images, data, device, steps, args.rounds)
     ref = ips["moco"]

@@ -69,6 +69,8 @@ def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> Non
 
 def build_method(cfg: Mapping, backbone: nn.Module) -> Method:
     """The method named by ``cfg['method']['name']``, built around ``backbone``."""
-    import ftcl.methods.moco  # noqa: F401  (registers itself)
+    import ftcl.methods.byol  # noqa: F401  (each registers itself)
+    import ftcl.methods.moco  # noqa: F401
+    import ftcl.methods.simsiam  # noqa: F401
 
     return METHODS.get(cfg["method"]["name"])(cfg, backbone)

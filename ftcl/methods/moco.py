@@ -1,5 +1,7 @@
 """MoCo v1/v2 (He et al., CVPR 2020; Chen et al., 2020) with the feature transformation of
-Zhu et al. (ICCV 2021) between the projection head and the InfoNCE loss.
+Zhu et al. (ICCV 2021) between the projection head and the InfoNCE loss, optionally composed with
+feature augmentation (``ftcl/transforms/fa.py``) and hard sample generation
+(``ftcl/transforms/hsg.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from torch import Tensor, nn
 
 from ftcl.methods.base import METHODS, Method, StepOutput
 from ftcl.models.heads import Encoder, ProjectionHead
+from ftcl.transforms.fa import FeatureAugmentation, multi_positive_info_nce, weighted_mean
 from ftcl.transforms.ft import FeatureTransform
+from ftcl.transforms.hsg import HardSampleGenerator, input_channels
 
 
 def info_nce(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
@@ -53,6 +57,12 @@ class MoCo(Method):
     loss = InfoNCE(q'.k', q'.negatives'). After the optimiser step the *unmixed* keys k are
     enqueued (``after_step``). Under DDP the keys are gathered from all processes and the key
     encoder's batch is shuffled across processes (Shuffle-BN, MoCo Sec. 3.3).
+
+    With ``fa.enabled`` the augmented keys are extra positives and the augmented negatives extra
+    negatives (``FeatureAugmentation.instance_discrimination``): with L = InfoNCE(q'.k', [q'.n', q'.FA(n')])
+    and L_FA = mean_j InfoNCE(q'.FA(k')_j, same negatives), loss = (L + w L_FA) / (1 + w), w =
+    ``fa.weight``. With ``hsg.enabled`` the loss of a generated pair, ``_pair_loss``, joins the same
+    way (``HardSampleGenerator.add_to``); generated keys are never enqueued.
     """
 
     def __init__(self, cfg: Mapping, backbone: nn.Module):
@@ -66,6 +76,8 @@ class MoCo(Method):
         self.temperature = float(m["temperature"])
         self.shuffle_bn = bool(m["shuffle_bn"])
         self.transform = FeatureTransform.from_config(cfg["ft"])
+        self.fa = FeatureAugmentation.from_config(cfg.get("fa", {}), model["feature_dim"], has_queue=True)
+        self.hsg = HardSampleGenerator.from_config(cfg, input_channels(backbone))
         queue = F.normalize(torch.randn(int(m["queue_size"]), model["feature_dim"]), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -98,8 +110,26 @@ class MoCo(Method):
         q_t, k_t, negatives = self.transform(q, k, self.queue, epoch)
         pos = (q_t * k_t).sum(dim=1)
         neg = q_t @ negatives.T
+        extra_pos = None
+        if self.fa.enabled:
+            extra_pos, extra_neg = self.fa.instance_discrimination(q_t, k_t, negatives)
+            neg = neg if extra_neg is None else torch.cat([neg, extra_neg], dim=1)
+        loss = info_nce(pos, neg, self.temperature)
+        if extra_pos is not None:
+            loss = weighted_mean(loss, multi_positive_info_nce(extra_pos, neg, self.temperature), self.fa.weight)
+            pos = torch.cat([pos, extra_pos.T.reshape(-1)])
+        if self.hsg is not None:
+            loss = self.hsg.add_to(loss, view1, epoch, self._pair_loss)
         self._pending_keys = k
-        return StepOutput(info_nce(pos, neg, self.temperature), pos, neg, self.temperature)
+        return StepOutput(loss, pos, neg, self.temperature)
+
+    def _pair_loss(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """InfoNCE of a generated pair: f_q(x1) against f_k(x2) and the queue. The key encoder's
+        weights get no gradient (they do not require it) but its input does, so both generators
+        learn; no Shuffle-BN for generated keys."""
+        q = self.encoder_q(x1).float()
+        k = self.encoder_k(x2).float()
+        return info_nce((q * k).sum(dim=1), q @ self.queue.T, self.temperature)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -1,0 +1,156 @@
+"""Hard sample generation (ftcl/transforms/hsg.py): the reversal layer, the min-max game in one
+backward pass, the generator's shapes and bounds, the pair-similarity schedule, and a one-epoch
+MoCo + HSG run on digits."""
+
+import math
+
+import pytest
+import torch
+from test_byol_simsiam import check_smoke_run, smoke_cfg
+
+from ftcl import config
+from ftcl.methods.base import build_method
+from ftcl.models.backbones import build_backbone
+from ftcl.transforms.hsg import (
+    ConditionalGenerator,
+    HardSampleGenerator,
+    auto_stages,
+    grad_reverse,
+    image_cosine,
+    set_similarity,
+    similarity_target,
+)
+
+
+def tiny(name: str = "moco", **overrides):
+    cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "model.feature_dim": 16,
+                                    "method.queue_size": 32, "data.dataset": "digits", "method.name": name,
+                                    "hsg.enabled": True, "hsg.generator.width": 8, "optim.epochs": 5, **overrides})
+    torch.manual_seed(0)
+    return build_method(cfg, build_backbone(cfg["model"], in_channels=1))
+
+
+def test_gradient_reversal_is_identity_forward_and_negated_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = grad_reverse(x, 0.5)
+    assert torch.equal(y, x)
+    (y * torch.arange(4.0)).sum().backward()
+    assert torch.allclose(x.grad, -0.5 * torch.arange(4.0).expand(3, 4))
+
+
+@pytest.mark.parametrize("size,stages", [(8, 0), (28, 1), (32, 2), (64, 3), (224, 3)])
+def test_generator_is_sized_to_the_resolution_and_bounded(size, stages):
+    assert auto_stages(size) == stages
+    gen = ConditionalGenerator(3, width=4, noise_dim=2, stages=stages, epsilon=0.3)
+    x = torch.randn(2, 3, size, size)
+    out = gen(x, torch.randn(2, 2))
+    assert out.shape == x.shape
+    assert (out - x).abs().max() <= 0.3 + 1e-6
+    assert len(gen.down) == len(gen.up) == stages
+
+
+def test_similarity_schedules_by_hand():
+    assert similarity_target(0, 5, 0.95, 0.75) == pytest.approx(0.95)
+    assert similarity_target(2, 5, 0.95, 0.75) == pytest.approx(0.85)
+    assert similarity_target(4, 5, 0.95, 0.75) == pytest.approx(0.75)
+    assert similarity_target(9, 5, 0.95, 0.75) == pytest.approx(0.75)  # stays at the end
+    assert similarity_target(1, 5, 0.95, 0.75, "cosine") == pytest.approx(0.75 + 0.1 * (1 + math.cos(math.pi / 4)))
+    assert similarity_target(2, 5, 0.95, 0.75, "cosine") == pytest.approx(0.85)
+    assert similarity_target(0, 1, 0.9, 0.5) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="schedule"):
+        similarity_target(0, 5, 0.9, 0.5, "step")
+
+
+@pytest.mark.parametrize("s", [0.99, 0.8, 0.3, -0.2])
+def test_set_similarity_hits_the_target_and_keeps_the_norm(s):
+    a, b = torch.randn(2, 4, 1, 5, 5, dtype=torch.float64)
+    out = set_similarity(a, b, s)
+    assert torch.allclose(image_cosine(a, out), torch.full((4,), s, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(out.flatten(1).norm(dim=1), b.flatten(1).norm(dim=1))
+    # it stays in the plane of a and b
+    basis = torch.linalg.qr(torch.stack([a.flatten(1), b.flatten(1)], dim=2)).Q
+    residual = out.flatten(1) - (basis @ (basis.transpose(1, 2) @ out.flatten(1)[..., None]))[..., 0]
+    assert residual.abs().max() < 1e-9
+
+
+def test_the_positive_pair_follows_the_similarity_schedule_during_training():
+    moco = tiny(**{"hsg.pair.similarity_start": 0.9, "hsg.pair.similarity_end": 0.5})
+    seen = []
+    for epoch in range(5):
+        sample = moco.hsg(torch.randn(6, 1, 8, 8), epoch)
+        seen.append(sample.similarity.mean().item())
+        assert sample.target == pytest.approx(0.9 - 0.1 * epoch)
+        assert torch.allclose(sample.similarity, torch.full((6,), sample.target), atol=1e-5)
+        assert sample.first.shape == sample.second.shape == (6, 1, 8, 8)
+        moco.training_step(*torch.randn(2, 6, 1, 8, 8), epoch=epoch).loss.backward()
+    assert seen == sorted(seen, reverse=True)
+
+
+def test_penalty_mode_pulls_the_similarity_toward_the_target():
+    torch.manual_seed(0)
+    hsg = HardSampleGenerator(1, 8, 3, width=8, noise_dim=4, epsilon=1.0, mode="penalty", similarity_start=0.5,
+                              similarity_end=0.5, reaugment=False)
+    x = torch.randn(16, 1, 8, 8)
+    opt = torch.optim.SGD(hsg.parameters(), lr=0.05)
+
+    def sample():
+        torch.manual_seed(1)
+        return hsg(x, 0)
+
+    first = sample()
+    assert first.penalty.item() == pytest.approx(10.0 * (first.similarity - 0.5).square().mean().item(), rel=1e-5)
+    for _ in range(30):
+        opt.zero_grad()
+        sample().penalty.backward()
+        opt.step()
+    assert sample().penalty.item() < 0.5 * first.penalty.item()
+
+
+def _generated_loss(method, view, seed=7):
+    torch.manual_seed(seed)  # the same noise and re-augmentation every time
+    return method.hsg.add_to(torch.zeros(()), view, 0, method._pair_loss)
+
+
+@pytest.mark.parametrize("name,encoder", [("moco", "encoder_q"), ("byol", "encoder"), ("simsiam", "encoder")])
+def test_generator_step_raises_the_loss_and_encoder_step_lowers_it(name, encoder):
+    view = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for player in ("generator", "encoder"):
+        method = tiny(name)
+        params = list(method.hsg.parameters()) if player == "generator" else list(getattr(method, encoder).parameters())
+        opt = torch.optim.SGD(params, lr=1e-4)  # small: the first-order effect dominates
+        before = _generated_loss(method, view)
+        opt.zero_grad()
+        before.backward()  # one backward through the reversal layer, as in training
+        if player == "generator":  # both generators learn, also the one seen by MoCo's frozen key encoder
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.hsg.parameters())
+        opt.step()
+        with torch.no_grad():
+            results[player] = (before.item(), _generated_loss(method, view).item())
+    g_before, g_after = results["generator"]
+    e_before, e_after = results["encoder"]
+    assert g_before == pytest.approx(e_before)
+    assert g_after > g_before  # the generators maximise the loss of their samples
+    assert e_after < e_before  # the encoder minimises it
+
+
+def test_generator_and_encoder_gradients_have_opposite_signs():
+    """Same loss, with and without the reversal: the generator's gradient flips, the encoder's not."""
+    view = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for scale in (1.0, 0.0):
+        method = tiny(**{"hsg.adversarial_scale": scale})
+        _generated_loss(method, view).backward()
+        grads[scale] = (method.hsg.gen_a.out.weight.grad.clone(), method.encoder_q.backbone.conv1.weight.grad.clone())
+    assert grads[1.0][0].abs().sum() > 0 and torch.all(grads[0.0][0] == 0)
+    assert torch.allclose(grads[1.0][1], grads[0.0][1], atol=1e-6)
+
+
+def test_disabled_hsg_adds_no_parameters():
+    cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "data.dataset": "digits"})
+    moco = build_method(cfg, build_backbone(cfg["model"], 1))
+    assert moco.hsg is None and not any(k.startswith("hsg") for k in moco.state_dict())
+
+
+def test_one_epoch_of_moco_with_hsg_on_digits(tmp_path):
+    check_smoke_run(tmp_path, smoke_cfg(**{"hsg.enabled": True, "hsg.generator.width": 8}))
