@@ -97,7 +97,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default=None, help="comma-separated variants to time (moco is always kept)")
+    parser.add_argument("--sections", default="methods,loading,orchestration",
+                        help="comma-separated: methods, loading, orchestration, demo (demo runs the whole "
+                             "demo DAG, ~15 min)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if "methods" in sections:
+        bench_methods_section(args)
+    if "loading" in sections and not args.gpu:
+        from orchestration import loading_vs_step
+
+        cfg = config.resolve(overrides={**CPU_MODEL, "data.dataset": "fashion-mnist", "data.train_subset": 4096,
+                                        "tracking.enabled": False})
+        r = loading_vs_step(cfg)
+        print(f"\n# loading: Fashion-MNIST in memory, crops and views batched on the device\n"
+              f"data path {r['loading_images_per_s']:.0f} images/s, training step {r['step_images_per_s']:.0f} "
+              f"images/s: loader/step = {r['ratio']:.1f} (> 1: the loader is not the bottleneck)")
+    if "orchestration" in sections:
+        from orchestration import orchestration_overhead
+
+        r = orchestration_overhead()
+        print(f"\n# orchestration: config/tiny.yaml, {r['stages']} stages + aggregate\n"
+              f"snakemake -c1 + submitit local + MLflow {r['pipeline_s']:.1f} s, same ftcl commands direct "
+              f"{r['direct_s']:.1f} s: ratio {r['ratio']:.2f}, overhead {r['overhead_per_stage_s']:.1f} s per stage")
+    if "demo" in sections:
+        from orchestration import demo_dag
+
+        r = demo_dag()
+        print(f"\n# demo DAG: snakemake -c2 on config/config.yaml ({r['rows_x_seeds']} rows x seeds): "
+              f"{r['seconds']:.0f} s\n{r['table']}")
+
+
+def bench_methods_section(args: argparse.Namespace) -> None:
 
     if args.gpu:
         if not torch.cuda.is_available():
