@@ -61,8 +61,10 @@ class MoCo(Method):
     With ``fa.enabled`` the augmented keys are extra positives and the augmented negatives extra
     negatives (``FeatureAugmentation.instance_discrimination``): with L = InfoNCE(q'.k', [q'.n', q'.FA(n')])
     and L_FA = mean_j InfoNCE(q'.FA(k')_j, same negatives), loss = (L + w L_FA) / (1 + w), w =
-    ``fa.weight``. With ``hsg.enabled`` the loss of a generated pair, ``_pair_loss``, joins the same
-    way (``HardSampleGenerator.add_to``); generated keys are never enqueued.
+    ``fa.weight``; the recorded scores are all those of the loss (``pos``: B originals then B x
+    copies augmented; ``neg``: the K originals then the augmented ones). With ``hsg.enabled`` the
+    loss of a generated pair, ``_pair_loss``, joins the same way (``HardSampleGenerator.add_to``);
+    generated keys are never enqueued.
     """
 
     def __init__(self, cfg: Mapping, backbone: nn.Module):
