@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -25,9 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,15 +113,23 @@ def port_in_use(host: str, port: int) -> bool:
 # --------------------------------------------------------------------------- REST
 
 
-def _get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our own localhost server)
-        return json.loads(resp.read().decode() or "{}")
+def _request(url: str, method: str = "GET", body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One HTTP request to the local MLflow server (http.client): ``(status, body)``."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def healthy(base: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as resp:  # noqa: S310
-            return resp.status == 200
+        return _request(f"{base}/health", timeout=timeout)[0] == 200
     except Exception:  # refused, reset, timed out, half-started server
         return False
 
@@ -130,21 +137,18 @@ def healthy(base: str, timeout: float = 2.0) -> bool:
 def experiment_id(base: str, name: str) -> str | None:
     """The id of experiment ``name`` on the server at ``base``; None when there is none."""
     query = urllib.parse.urlencode({"experiment_name": name})
-    try:
-        return str(_get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}")["experiment"]["experiment_id"])
-    except urllib.error.HTTPError as err:
-        if err.code == 404:
-            return None
-        raise
+    status, body = _request(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}")
+    if status == 404:
+        return None
+    if status != 200:
+        raise OSError(f"MLflow server {base} answered HTTP {status} for experiment {name!r}")
+    return str(json.loads(body.decode())["experiment"]["experiment_id"])
 
 
 def experiment_names(base: str) -> list[str]:
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search", method="POST",
-                                 data=json.dumps({"max_results": 1000}).encode(),
-                                 headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
-            return [e["name"] for e in json.loads(resp.read().decode()).get("experiments", [])]
+        status, body = _request(f"{base}/api/2.0/mlflow/experiments/search", "POST", {"max_results": 1000})
+        return [e["name"] for e in json.loads(body.decode()).get("experiments", [])] if status == 200 else []
     except (OSError, ValueError):
         return []
 
