@@ -70,7 +70,8 @@ def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: to
         cfg = config.resolve(overrides={**base, **overrides})
         torch.manual_seed(0)
         step = TrainStep.build(cfg, data, device)
-        recorder = ScoreRecorder(steps, 1, [0], 10, 100, device) if record else None
+        recorder = ScoreRecorder.from_config({**cfg["scores"], "histogram_epochs": [0]}, steps, 1, device) \
+            if record else None
         runners[name] = (step, recorder)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up (allocator, cuDNN autotuning, queue fill)

@@ -10,6 +10,14 @@ of B positives s+_b and B x K negatives s-_bk:
   exp_neg_mean = mean_b mean_k exp(s-_bk / tau)
 Every ``histogram_every`` iterations of the chosen epochs, the raw pos and neg scores are added to
 fixed-bin histograms on [-1, 1]. Nothing leaves the device until ``flush``: one copy per epoch.
+
+Cost. The positive statistics use the whole batch (B numbers). The negative statistics and the
+negative histogram use the first ``rows`` rows of the B x K matrix only (config ``scores.rows``,
+default 64; ``null`` = all rows). The batch order is random, so this is an unbiased estimate of the
+batch mean over ``rows x K`` scores (262144 at K = 4096), and it keeps the per-step cost of
+recording a small fixed fraction of the step instead of two extra passes over B x K. The variance
+is computed as E[s^2] - E[s]^2 in one vectorised pass (scores are cosines in [-1, 1], so float32
+cancellation error stays near 1e-7, far below the variances the paper plots, ~1e-3).
 """
 
 from __future__ import annotations
@@ -24,19 +32,30 @@ from torch import Tensor
 STAT_COLUMNS = ("loss", "pos_mean", "neg_mean", "neg_var", "exp_pos_mean", "exp_neg_mean")
 
 
-def score_statistics(pos: Tensor, neg: Tensor | None, temperature: float) -> Tensor:
+def score_statistics(pos: Tensor, neg: Tensor | None, temperature: float, rows: int | None = None) -> Tensor:
     """The five statistics above as one device tensor ``[pos_mean, neg_mean, neg_var, exp_pos, exp_neg]``.
 
-    ``neg=None`` (methods without negatives) gives NaN for the negative statistics.
+    ``neg=None`` (methods without negatives) gives NaN for the negative statistics. ``rows`` limits
+    the negative statistics to the first ``rows`` rows of ``neg`` (None = all). ``neg_var`` is the
+    unbiased per-row variance (ddof 1), averaged over rows.
     """
     pos = pos.detach().float()
     exp_pos = torch.exp(pos / temperature).mean()
     if neg is None:
         nan = torch.full((), float("nan"), device=pos.device)
         return torch.stack([pos.mean(), nan, nan, exp_pos, nan])
-    neg = neg.detach().float()
-    var, mean = torch.var_mean(neg, dim=1)
-    return torch.stack([pos.mean(), mean.mean(), var.mean(), exp_pos, torch.exp(neg / temperature).mean()])
+    neg = negative_rows(neg, rows).float()
+    k = neg.shape[1]
+    row_mean = neg.mean(dim=1)
+    row_var = (neg.square().mean(dim=1) - row_mean.square()).clamp_min(0) * (k / max(k - 1, 1))
+    return torch.stack([pos.mean(), row_mean.mean(), row_var.mean(), exp_pos,
+                        torch.exp(neg * (1.0 / temperature)).mean()])
+
+
+def negative_rows(neg: Tensor, rows: int | None) -> Tensor:
+    """The first ``rows`` rows of the detached B x K negative scores (all of them when ``rows`` is None)."""
+    neg = neg.detach()
+    return neg if rows is None or rows >= neg.shape[0] else neg[:rows]
 
 
 def resolve_epochs(epochs: Sequence[int], total: int) -> set[int]:
@@ -48,8 +67,8 @@ class ScoreRecorder:
     """Accumulates per-iteration statistics and histograms on ``device`` for one epoch at a time."""
 
     def __init__(self, iters_per_epoch: int, total_epochs: int, histogram_epochs: Sequence[int],
-                 histogram_every: int, bins: int, device: torch.device):
-        self.iters = iters_per_epoch
+                 histogram_every: int, bins: int, device: torch.device, rows: int | None = None):
+        self.iters, self.rows = iters_per_epoch, rows
         self.hist_epochs = resolve_epochs(histogram_epochs, total_epochs)
         self.every, self.bins, self.device = histogram_every, bins, device
         self._stats = torch.full((iters_per_epoch, len(STAT_COLUMNS)), float("nan"), device=device)
@@ -57,16 +76,23 @@ class ScoreRecorder:
         self._neg_hist = torch.zeros(bins, device=device)
         self._n = 0
 
+    @classmethod
+    def from_config(cls, scores_cfg: dict, iters_per_epoch: int, total_epochs: int,
+                    device: torch.device) -> ScoreRecorder:
+        """The recorder a run's ``scores`` config section describes."""
+        return cls(iters_per_epoch, total_epochs, scores_cfg["histogram_epochs"], scores_cfg["histogram_every"],
+                   scores_cfg["bins"], device, rows=scores_cfg.get("rows"))
+
     def record(self, i: int, loss: Tensor, pos: Tensor, neg: Tensor | None, temperature: float) -> None:
         """Store iteration ``i``'s statistics (no host synchronisation)."""
         with torch.no_grad():
             self._stats[i, 0] = loss.detach().float()
-            self._stats[i, 1:] = score_statistics(pos, neg, temperature)
+            self._stats[i, 1:] = score_statistics(pos, neg, temperature, self.rows)
             self._n = max(self._n, i + 1)
             if self._epoch in self.hist_epochs and i % self.every == 0:
                 self._pos_hist += torch.histc(pos.detach().float(), self.bins, -1.0, 1.0)
                 if neg is not None:
-                    self._neg_hist += torch.histc(neg.detach().float(), self.bins, -1.0, 1.0)
+                    self._neg_hist += torch.histc(negative_rows(neg, self.rows).float(), self.bins, -1.0, 1.0)
 
     def start_epoch(self, epoch: int) -> None:
         self._epoch = epoch

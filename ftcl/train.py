@@ -223,8 +223,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{cfg['optim']['epochs']}")
 
     scfg = cfg["scores"]
-    recorder = ScoreRecorder(iters, cfg["optim"]["epochs"], scfg["histogram_epochs"], scfg["histogram_every"],
-                             scfg["bins"], device) if scfg["enabled"] else None
+    recorder = ScoreRecorder.from_config(scfg, iters, cfg["optim"]["epochs"], device) if scfg["enabled"] else None
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     echo(f"[pretrain] {cfg['method']['name']} {cfg['model']['backbone']}(width {cfg['model']['width']}) on "
          f"{cfg['data']['dataset']} ({len(data)} images, {iters} it/epoch, device {device}, world {world}); "

@@ -20,6 +20,26 @@ def test_statistics_match_numpy():
     assert stats[4] == pytest.approx(torch.exp(neg / t).mean().item(), rel=1e-6)
 
 
+def test_variance_is_accurate_when_scores_crowd_together():
+    # A collapsing encoder: negatives near 0.9 with a spread of 1e-3 (variance 1e-6); the one-pass
+    # E[s^2] - E[s]^2 in float32 must still match a float64 reference to a few percent.
+    gen = torch.Generator().manual_seed(0)
+    neg = 0.9 + 1e-3 * torch.randn(64, 4096, generator=gen)
+    stats = score_statistics(torch.ones(64), neg, 0.2).tolist()
+    ref = neg.double().var(dim=1).mean().item()
+    assert stats[2] == pytest.approx(ref, rel=0.05)
+
+
+def test_rows_limits_negative_statistics_to_the_first_rows_only():
+    gen = torch.Generator().manual_seed(1)
+    pos, neg = torch.rand(8, generator=gen), torch.rand(8, 50, generator=gen) * 2 - 1
+    neg[4:] += 5.0  # rows past the sample would move every negative statistic if they were read
+    sub = score_statistics(pos, neg, 0.2, rows=4)
+    assert torch.allclose(sub, score_statistics(pos, neg[:4], 0.2))
+    assert sub[0].item() == pytest.approx(pos.mean().item())  # positives always use the whole batch
+    assert torch.allclose(score_statistics(pos, neg, 0.2, rows=None), score_statistics(pos, neg, 0.2, rows=99))
+
+
 def test_methods_without_negatives_give_nan_negative_statistics():
     stats = score_statistics(torch.tensor([0.5, 0.7]), None, 0.2)
     assert stats[0].item() == pytest.approx(0.6) and torch.isnan(stats[1])
@@ -42,3 +62,13 @@ def test_recorder_writes_one_row_per_iteration_and_histograms(tmp_path):
     assert plot_score_curves(stats, tmp_path / "c.png").stat().st_size > 10_000
     assert plot_histograms(hists, tmp_path / "h.png", [-1]).stat().st_size > 5_000
     assert isinstance(stats, pd.DataFrame)
+
+
+def test_recorder_histograms_only_the_sampled_rows(tmp_path):
+    rec = ScoreRecorder.from_config({"histogram_epochs": [0], "histogram_every": 1, "bins": 4, "rows": 2},
+                                    iters_per_epoch=1, total_epochs=1, device=torch.device("cpu"))
+    rec.start_epoch(0)
+    rec.record(0, torch.tensor(1.0), torch.full((6,), 0.5), torch.full((6, 10), -0.5), 0.2)
+    rec.flush(0, 0, [0.1], tmp_path)
+    _, hists = load_scores(tmp_path)
+    assert hists["pos_count"].sum() == 6 and hists["neg_count"].sum() == 20
