@@ -146,6 +146,29 @@ def test_generator_and_encoder_gradients_have_opposite_signs():
     assert torch.allclose(grads[1.0][1], grads[0.0][1], atol=1e-6)
 
 
+@pytest.mark.parametrize(("fraction", "pairs"), [(1.0, 10), (0.25, 3), (0.01, 2)])
+def test_fraction_sets_how_many_views_seed_a_pair(fraction, pairs):
+    moco = tiny(**{"hsg.fraction": fraction})
+    x = torch.randn(10, 1, 8, 8)
+    sample = moco.hsg(x, 0)
+    assert sample.first.shape == sample.second.shape == (pairs, 1, 8, 8)
+    moco.hsg.reaugment = False
+    torch.manual_seed(3)
+    unaugmented = moco.hsg(x, 0).first
+    moco.hsg.fraction = 1.0
+    torch.manual_seed(3)
+    assert torch.allclose(unaugmented, moco.hsg(x[:pairs], 0).first, atol=1e-5)  # the first views of the batch
+    moco.hsg.fraction = fraction
+    moco.training_step(x, torch.randn_like(x), epoch=0).loss.backward()
+
+
+def test_fraction_outside_the_unit_interval_is_rejected():
+    with pytest.raises(config.ConfigError, match="hsg.fraction"):
+        config.resolve(overrides={"hsg.fraction": 0})
+    with pytest.raises(config.ConfigError, match="hsg.fraction"):
+        config.resolve(overrides={"hsg.fraction": 1.5})
+
+
 def test_disabled_hsg_adds_no_parameters():
     cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "data.dataset": "digits"})
     moco = build_method(cfg, build_backbone(cfg["model"], 1))

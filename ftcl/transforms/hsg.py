@@ -47,6 +47,12 @@ pixels). Its target s(epoch) falls from ``hsg.pair.similarity_start`` to ``simil
   ``hsg.pair.penalty_weight * mean (cos(a, b) - s)^2`` (added before the reversal layer, so only
   the generators see it): the similarity follows the target only as far as training pulls it.
 
+**How many pairs.** ``hsg.fraction`` of each batch seeds the generators, one pair per view: the
+first ceil(fraction x B) views (at least 2, so batch-norm heads see a batch; the batch is
+shuffled). 1.0 (default) makes one pair per view. The generators run at the full input resolution
+and their pair goes through both encoders with gradients, so the extra cost scales with this
+fraction: lower it where HSG must fit a budget.
+
 Each sample of the pair is then augmented again (``hsg.reaugment``: a RandomResizedCrop of
 ``hsg.crop_scale`` + horizontal flip, batched and differentiable, ``ftcl.data.views.crop_flip``),
 goes through the reversal layer, and the method computes its own loss on the pair (MoCo: InfoNCE of
@@ -192,8 +198,10 @@ class HardSampleGenerator(nn.Module):
                  stages: int | None = None, epsilon: float = 0.5, mode: str = "project",
                  similarity_start: float = 0.95, similarity_end: float = 0.75, schedule: str = "linear",
                  penalty_weight: float = 10.0, reaugment: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 weight: float = 1.0, adversarial_scale: float = 1.0):
+                 weight: float = 1.0, adversarial_scale: float = 1.0, fraction: float = 1.0):
         super().__init__()
+        if not 0 < fraction <= 1:
+            raise ValueError(f"hsg.fraction {fraction!r} must be in (0, 1]")
         if mode not in PAIR_MODES:
             raise ValueError(f"hsg.pair.mode {mode!r} is not one of {PAIR_MODES}")
         similarity_target(0, epochs, similarity_start, similarity_end, schedule)  # validates the schedule
@@ -204,7 +212,7 @@ class HardSampleGenerator(nn.Module):
         self.mode, self.schedule = mode, schedule
         self.similarity_start, self.similarity_end = similarity_start, similarity_end
         self.penalty_weight, self.reaugment, self.crop_scale = penalty_weight, reaugment, tuple(crop_scale)
-        self.weight, self.adversarial_scale = weight, adversarial_scale
+        self.weight, self.adversarial_scale, self.fraction = weight, adversarial_scale, fraction
 
     @classmethod
     def from_config(cls, cfg: Mapping, channels: int) -> HardSampleGenerator | None:
@@ -218,14 +226,15 @@ class HardSampleGenerator(nn.Module):
                    similarity_start=p["similarity_start"], similarity_end=p["similarity_end"],
                    schedule=p["schedule"], penalty_weight=p["penalty_weight"], reaugment=h["reaugment"],
                    crop_scale=tuple(h["crop_scale"]), weight=h["weight"],
-                   adversarial_scale=h["adversarial_scale"])
+                   adversarial_scale=h["adversarial_scale"], fraction=h.get("fraction", 1.0))
 
     def target(self, epoch: int) -> float:
         return similarity_target(epoch, self.epochs, self.similarity_start, self.similarity_end, self.schedule)
 
     def forward(self, x: Tensor, epoch: int) -> HSGSample:
-        """A hard positive pair generated from the view batch ``x``."""
+        """A hard positive pair generated from the first ``max(2, ceil(fraction x B))`` views of ``x``."""
         target = self.target(epoch)
+        x = x[: max(2, math.ceil(self.fraction * x.shape[0]))]
         b, nz = x.shape[0], self.gen_a.noise_dim
         a = self.gen_a(x, torch.randn(b, nz, device=x.device, dtype=x.dtype)).float()
         second = self.gen_b(x, torch.randn(b, nz, device=x.device, dtype=x.dtype)).float()
