@@ -9,7 +9,9 @@ and logs all of them as artifacts of an MLflow run named ``aggregate``.
 
 The table functions are pure (DataFrame in, DataFrame out). For each row and metric the table
 holds the mean and the sample standard deviation (ddof=1) over seeds, and
-``delta = mean(row) - mean(baseline row)``. Accuracies and APs are taken as the stage files write
+``delta = mean(row) - mean(reference row)``: the reference is the baseline row, or the row a row
+names with ``compare_to`` (so BYOL + FA is compared with BYOL, not with the MoCo baseline).
+Accuracies and APs are taken as the stage files write
 them (percent, like the published numbers they are compared with).
 
 Command line: ``ftcl aggregate --configfile FILE`` (from the run folders) and ``ftcl table``
@@ -114,7 +116,17 @@ def ablation_rows(pipeline_cfg: Mapping, source: str = "pipeline config") -> lis
         if row["name"] in seen:
             raise ConfigError(f"{source}: ablation row name {row['name']!r} is used twice")
         seen.add(row["name"])
+    for row in rows:
+        ref = row.get("compare_to")
+        if ref is not None and (ref not in seen or ref == row["name"]):
+            raise ConfigError(f"{source}: ablation row {row['name']!r}: compare_to {ref!r} must name another row "
+                              f"(rows: {', '.join(sorted(seen - {row['name']}))})")
     return [dict(row) for row in rows]
+
+
+def reference_rows(pipeline_cfg: Mapping) -> dict[str, str]:
+    """Row -> the row its deltas refer to, for the rows with ``compare_to`` (the others use the baseline)."""
+    return {row["name"]: row["compare_to"] for row in ablation_rows(pipeline_cfg) if row.get("compare_to")}
 
 
 def baseline_row(pipeline_cfg: Mapping) -> str:
@@ -231,30 +243,37 @@ def _flat(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 def ablation_table(
-    df: pd.DataFrame, baseline: str | None, metrics: Sequence[str] = TABLE_METRICS
+    df: pd.DataFrame, baseline: str | None, metrics: Sequence[str] = TABLE_METRICS,
+    references: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One line per row (in the order of ``df``) with, for each metric ``m``:
 
     ``m_mean``, ``m_std`` (sample std over seeds, ddof=1; NaN for one seed), ``m_delta``
-    (``m_mean`` minus the baseline row's ``m_mean``; NaN when ``baseline`` is None) and ``m_n`` (seeds
-    with a value); plus ``n_seeds`` (seed folders found) and ``protocol`` (the distinct protocol
-    summaries of its seeds, joined by `` | ``).
+    (``m_mean`` minus the reference row's ``m_mean``) and ``m_n`` (seeds with a value); plus
+    ``n_seeds`` (seed folders found), ``reference`` (the row the deltas refer to: ``references[row]``
+    if given, else ``baseline``, so the baseline's deltas are 0; None when there is no reference; a
+    reference without results gives NaN deltas) and ``protocol`` (the distinct protocol summaries of
+    its seeds, joined by `` | ``).
     """
     order = list(dict.fromkeys(df["row"]))
     if baseline is not None and baseline not in order:
         raise ResultsError(
             f"baseline row {baseline!r} has no results (rows with results: {', '.join(order)})"
         )
+    references = dict(references or {})
+    reference = [references.get(row, baseline) for row in order]
     groups = df.groupby("row", sort=False)
     table = pd.DataFrame({"row": order})
     table["n_seeds"] = groups.size().reindex(order).to_numpy()
+    table["reference"] = reference
     for metric in metrics:
         values = df[metric].astype(float) if metric in df else pd.Series(math.nan, index=df.index)
         by_row = values.groupby(df["row"], sort=False)
         mean = by_row.mean().reindex(order)
         table[f"{metric}_mean"] = mean.to_numpy()
         table[f"{metric}_std"] = by_row.std(ddof=1).reindex(order).to_numpy()
-        table[f"{metric}_delta"] = (mean - mean[baseline]).to_numpy() if baseline is not None else math.nan
+        ref_mean = mean.reindex([r if r is not None else "" for r in reference]).to_numpy()
+        table[f"{metric}_delta"] = mean.to_numpy() - ref_mean
         table[f"{metric}_n"] = by_row.count().reindex(order).to_numpy()
     protocols = groups["protocol"].agg(lambda s: " | ".join(dict.fromkeys(p for p in s if p)))
     table["protocol"] = protocols.reindex(order).fillna("").to_numpy()
@@ -347,12 +366,15 @@ def display_ablation(table: pd.DataFrame, digits: int = 2, latex: bool = False) 
     baseline = table.attrs.get("baseline")
     metrics = present_metrics(table)
     shown = pd.DataFrame({"Row": table["row"], "Seeds": table["n_seeds"].astype(str)})
+    has_deltas = baseline is not None or table["reference"].notna().any()
+    if _other_references(table):
+        shown["Δ vs"] = ["" if r["row"] == baseline else (r["reference"] or "–") for _, r in table.iterrows()]
     for m in metrics:
         shown[METRIC_LABELS[m]] = [
             _mean_std(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"], digits, latex)
             for _, r in table.iterrows()
         ]
-        if baseline is not None:
+        if has_deltas:
             shown[DELTA_LABELS.get(m, f"Δ {m}")] = [
                 "baseline" if r["row"] == baseline else _number(r[f"{m}_delta"], digits, signed=True)
                 for _, r in table.iterrows()
@@ -362,11 +384,20 @@ def display_ablation(table: pd.DataFrame, digits: int = 2, latex: bool = False) 
     return shown
 
 
+def _other_references(table: pd.DataFrame) -> bool:
+    """Whether some row's deltas refer to a row other than the baseline (``compare_to``)."""
+    baseline = table.attrs.get("baseline")
+    return any(ref is not None and ref != baseline for ref in table["reference"])
+
+
 def table_notes(table: pd.DataFrame) -> list[str]:
     """One-line notes printed under the ablation table (what ± and Δ mean, the shared protocol)."""
     notes = ["mean ± sample std (ddof=1) over seeds"]
     baseline = table.attrs.get("baseline")
-    if baseline is not None:
+    if _other_references(table):
+        notes.append("Δ: difference of the mean to the row in column 'Δ vs'"
+                     + (f" (the baseline row is {baseline})" if baseline is not None else ""))
+    elif baseline is not None:
         notes.append(f"Δ: difference of the mean to the baseline row {baseline}")
     protocol = shared_protocol(table)
     if protocol:
@@ -490,7 +521,8 @@ def run_aggregate(
     if baseline not in set(frame["row"]):
         log.warning("baseline row %r has no results: the table has no deltas", baseline)
         baseline = None
-    table = ablation_table(frame, baseline)
+    references = {row: ref for row, ref in reference_rows(pipeline_cfg).items() if ref in set(frame["row"])}
+    table = ablation_table(frame, baseline, references=references)
     paper = paper_table(frame, pipeline_cfg)
     files = write_tables(table, paper, exp_dir / "tables")
     plot_files = plots.make_plots(frame, exp_dir / "plots", baseline=baseline)
@@ -707,7 +739,9 @@ def cmd_table(args: argparse.Namespace) -> int:
         if same_experiment:
             frame = order_rows(frame, [row["name"] for row in ablation_rows(cfg)])
         baseline = args.baseline or (baseline_row(cfg) if same_experiment else frame["row"].iloc[0])
-        table = ablation_table(frame, baseline if baseline in set(frame["row"]) else None)
+        references = reference_rows(cfg) if same_experiment and not args.baseline else {}
+        table = ablation_table(frame, baseline if baseline in set(frame["row"]) else None,
+                               references={r: ref for r, ref in references.items() if ref in set(frame["row"])})
         if args.baseline and table.attrs["baseline"] is None:
             rows = ", ".join(table["row"])
             raise ResultsError(f"baseline row {args.baseline!r} has no runs (rows: {rows})")

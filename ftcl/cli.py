@@ -24,13 +24,19 @@ COMMAND_MODULES = {
 }
 
 CONFIG_HELP = "run config YAML (keys: ftcl/resources/config.schema.yaml); defaults fill the rest"
-SET_HELP = ("override one config key, e.g. --set optim.epochs=10 --set ft.positive.mode=extrapolate "
-            "(value parsed as YAML; repeatable)")
+SET_HELP = ("override config keys, e.g. --set optim.epochs=10 ft.positive.mode=extrapolate "
+            "(each value parsed as YAML; repeatable)")
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable; all pairs end up in ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=SET_HELP)
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
     p.add_argument("--config", type=Path, required=config_required, help=CONFIG_HELP)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_set_option(p)
     p.add_argument("--out", type=Path, required=True, help="run folder for outputs (created; resumed if present)")
 
 

@@ -643,13 +643,13 @@ def write_per_class_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> 
 # -------------------------------------------------------------------------------------------- CLI
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``ftcl detect --config FILE [--set k=v ...] --checkpoint PRETRAIN_DIR_OR_FILE --out DIR``."""
-    from ftcl.cli import CONFIG_HELP, SET_HELP
+    from ftcl.cli import CONFIG_HELP, add_set_option
 
     p = subparsers.add_parser(
         "detect", help="fine-tune Faster R-CNN from a pretrained backbone and report detection AP",
         description=f"Detection transfer; writes OUT/config.yaml, OUT/{RESULT_FILE}, OUT/{PER_CLASS_FILE}.")
     p.add_argument("--config", type=Path, help=CONFIG_HELP)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_set_option(p)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file; "
                         "required for detection.init=pretrained")

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import yaml
 
 from ftcl import aggregate
 from ftcl.aggregate import MissingResultsError, ablation_table, collect, paper_table, write_tables
+from ftcl.config import ConfigError
 from ftcl.plots import make_plots
 
 EXPERIMENT = "agg-test"
@@ -134,6 +136,28 @@ def test_ablation_table_means_stds_and_deltas_match_hand_computed_values(runs):
     assert base["linear_top1_delta"] == 0.0
     assert base["det_AP50_mean"] == pytest.approx(81.0) and base["det_AP_std"] == pytest.approx(math.sqrt(2))
     assert table["n_seeds"].tolist() == [2, 2]
+
+
+def test_compare_to_refers_a_rows_deltas_to_another_row(runs, tmp_path):
+    cfg, _ = runs
+    # a third row (a copy of +ft's folders) compared with +ft, not with the baseline
+    exp_dir = tmp_path / "results" / EXPERIMENT
+    shutil.copytree(exp_dir / "+ft", exp_dir / "+ft+more")
+    (exp_dir / "+ft+more" / "seed0" / "linear" / "linear.json").write_text(json.dumps(
+        {"top1": 71.0, "top5": 99.0, "protocol": {"epochs": 60, "lr": 30.0, "augment": False}, "checkpoint": "x"}))
+    cfg["ablations"].append({"name": "+ft+more", "compare_to": "+ft", "overrides": {}})
+    table = ablation_table(collect(cfg), "moco_v2", references=aggregate.reference_rows(cfg))
+    more = table.set_index("row").loc["+ft+more"]
+    assert more["reference"] == "+ft"
+    assert more["linear_top1_delta"] == pytest.approx((71.0 + 69.0) / 2 - 68.5)  # vs +ft, not vs moco_v2 (71.0)
+    assert table.set_index("row").loc["+ft", "linear_top1_delta"] == pytest.approx(-2.5)  # still vs the baseline
+    shown = aggregate.display_ablation(table)
+    assert shown["Δ vs"].tolist() == ["", "moco_v2", "+ft"]
+    assert any("column 'Δ vs'" in note for note in aggregate.table_notes(table))
+
+    cfg["ablations"][-1]["compare_to"] = "byol"
+    with pytest.raises(ConfigError, match=r"'\+ft\+more': compare_to 'byol' must name another row"):
+        aggregate.reference_rows(cfg)
 
 
 def test_missing_detection_leaves_nan_columns(runs):

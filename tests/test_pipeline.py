@@ -165,13 +165,19 @@ def _two_baselines(cfg, tmp):
     return ["exactly one ablation row", "'moco_v2', '+ft'"]
 
 
+def _compare_to_an_unknown_row(cfg, tmp):
+    cfg["ablations"][1]["compare_to"] = "byol"
+    return ["ablation row '+ft'", "compare_to 'byol' must name another row"]
+
+
 def _unknown_launcher_setting(cfg, tmp):
     cfg["launcher"]["local"]["partition"] = "gpu"
     return ["launcher.local", "'partition'"]
 
 
 @pytest.mark.parametrize("breaks", [_unknown_key, _duplicate_name, _missing_dataset_root, _bad_value,
-                                    _pipeline_key_in_a_row, _two_baselines, _unknown_launcher_setting],
+                                    _pipeline_key_in_a_row, _two_baselines, _compare_to_an_unknown_row,
+                                    _unknown_launcher_setting],
                          ids=lambda f: f.__name__.strip("_"))
 def test_a_bad_config_fails_before_any_job_naming_the_row_and_key(tmp_path, breaks):
     cfg = copy.deepcopy(TINY)

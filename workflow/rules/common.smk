@@ -17,6 +17,7 @@ import yaml
 
 from ftcl import config as runconfig
 from ftcl import launch
+from ftcl.aggregate import ablation_rows
 
 STAGES = ("pretrain", "linear", "knn", "detection")
 # run-config keys the pipeline sets for every run; rows and `defaults` may not set them
@@ -80,8 +81,9 @@ def row_description(row, overrides):
 def check_rows(cfg):
     """The ablation rows by name, each with its resolved run config (seed still to set).
 
-    Rows must have distinct, folder-safe names and exactly one baseline; each row's overrides must
-    name known keys with valid values (checked against ftcl's run-config schema).
+    Rows must have distinct, folder-safe names and exactly one baseline, a ``compare_to`` must name
+    another row; each row's overrides must name known keys with valid values (checked against
+    ftcl's run-config schema).
     """
     defaults = runconfig.flatten(cfg["defaults"])
     _pipeline_keys_in(defaults, "pipeline config defaults")
@@ -115,6 +117,7 @@ def check_rows(cfg):
             raise runconfig.ConfigError(f"{where}: {str(err).removeprefix('config: ')}") from None
         _check_dataset(resolved, where)
         rows[name] = resolved
+    ablation_rows(cfg)  # every compare_to names another row
     baselines = [row["name"] for row in cfg["ablations"] if row["baseline"]]
     if len(baselines) != 1:
         raise runconfig.ConfigError(
