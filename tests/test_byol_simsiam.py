@@ -1,29 +1,16 @@
 """BYOL and SimSiam: losses on hand-checkable cases, shapes, stop-gradient, EMA, score recording,
 and a one-epoch pretraining run each on digits."""
 
-import json
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_ema_follows, check_smoke_run, smoke_cfg, tiny_method
 
-from ftcl import checkpoint as ckpt
-from ftcl import config
-from ftcl.methods.base import build_method, ema_update
 from ftcl.methods.byol import BYOL
 from ftcl.methods.simsiam import SimSiam, off_diagonal
-from ftcl.models.backbones import build_backbone
 from ftcl.models.heads import PredictionHead, ProjectionHead
 from ftcl.scores import ScoreRecorder
-from ftcl.train import pretrain
-
-
-def tiny(name: str, **overrides):
-    cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "model.feature_dim": 16,
-                                    "data.dataset": "digits", "method.name": name, **overrides})
-    torch.manual_seed(0)
-    return build_method(cfg, build_backbone(cfg["model"], in_channels=1))
 
 
 def views(b: int = 6):
@@ -45,7 +32,7 @@ def test_off_diagonal_is_row_major_without_the_diagonal():
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])
 def test_loss_matches_the_papers_formula_and_scores_have_batch_negatives(name):
-    method = tiny(name)
+    method = tiny_method(name)
     v1, v2 = views()
     torch.manual_seed(5)
     out = method.training_step(v1, v2, epoch=0)
@@ -69,7 +56,7 @@ def test_loss_matches_the_papers_formula_and_scores_have_batch_negatives(name):
 
 
 def test_simsiam_stop_gradient_blocks_the_target_branch():
-    method = tiny("simsiam")
+    method = tiny_method("simsiam")
     z1 = torch.randn(6, 16, requires_grad=True)
     z2 = torch.randn(6, 16, requires_grad=True)
     t1, t2 = method.targets(None, None, z1, z2, input_grad=False)
@@ -80,36 +67,29 @@ def test_simsiam_stop_gradient_blocks_the_target_branch():
 
 
 def test_byol_target_gets_no_gradient_and_follows_the_online_network_by_ema():
-    method = tiny("byol")
+    method = tiny_method("byol")
     method.training_step(*views(), epoch=0).loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in method.target.parameters())
     assert all(p.grad is not None for p in method.encoder.parameters())
     assert all(p.grad is not None for p in method.predictor.parameters())
-    with torch.no_grad():
-        for p in method.encoder.parameters():
-            p.add_(1.0)
-    online = [p.clone() for p in method.encoder.parameters()]
-    before = [p.clone() for p in method.target.parameters()]
-    ema_update(method.momentum_pairs(), 0.9)
-    for o, b, a in zip(online, before, method.target.parameters(), strict=True):
-        assert torch.allclose(a, 0.9 * b + 0.1 * o)
-    assert tiny("simsiam").momentum_pairs() == []
+    assert_ema_follows(method, method.encoder, method.target)
+    assert tiny_method("simsiam").momentum_pairs() == []
 
 
 def test_heads_and_predictor_widths():
-    byol, simsiam = tiny("byol", **{"model.head": "mlp_bn", "model.hidden_dim": 48}), tiny("simsiam")
+    byol, simsiam = tiny_method("byol", **{"model.head": "mlp_bn", "model.hidden_dim": 48}), tiny_method("simsiam")
     assert isinstance(byol.encoder.head, ProjectionHead) and not byol.encoder.head.normalize
     assert isinstance(byol.encoder.head.net[1], torch.nn.BatchNorm1d)
     assert isinstance(byol.predictor, PredictionHead)
     assert byol.predictor.net[0].out_features == 48  # BYOL: the projector's hidden width
     assert simsiam.predictor.net[0].out_features == 16 // 4  # SimSiam: a bottleneck
-    assert tiny("simsiam", **{"method.predictor_hidden_dim": 7}).predictor.net[0].out_features == 7
+    assert tiny_method("simsiam", **{"method.predictor_hidden_dim": 7}).predictor.net[0].out_features == 7
     z = byol.encoder(torch.randn(3, 1, 8, 8))
     assert z.shape == (3, 16)
 
 
 def test_score_recorder_handles_byol_output():
-    method = tiny("byol")
+    method = tiny_method("byol")
     rec = ScoreRecorder(2, 1, [0], 1, 20, torch.device("cpu"))
     rec.start_epoch(0)
     for i in range(2):
@@ -118,28 +98,6 @@ def test_score_recorder_handles_byol_output():
     stats = rec._stats
     assert torch.isfinite(stats).all()
     assert rec._neg_hist.sum() == 2 * 12 * 5  # 2 iterations x 2B rows x (B - 1)
-
-
-def smoke_cfg(**overrides) -> dict:
-    return config.resolve(overrides={
-        "device": "cpu", "data.dataset": "digits", "data.train_subset": 256, "model.width": 8, "model.small_stem": True,
-        "model.feature_dim": 32, "method.queue_size": 256, "optim.epochs": 1, "optim.batch_size": 64,
-        "optim.amp": False, "optim.channels_last": False, "tracking.enabled": False, "log_every": 1000,
-        "scores.histogram_every": 4, **overrides})
-
-
-def check_smoke_run(tmp_path, cfg) -> None:
-    summary = pretrain(cfg, tmp_path, echo=lambda *_: None)
-    assert json.loads((tmp_path / "pretrain.json").read_text())["epochs"] == 1
-    assert summary["pretrain/loss"] == summary["pretrain/loss"]  # not NaN
-    stats = pd.read_parquet(tmp_path / "scores" / "epoch_0000.parquet")
-    assert len(stats) == 256 // 64
-    assert stats[["loss", "pos_mean", "neg_mean", "neg_var"]].notna().all().all()
-    backbone, saved = ckpt.load_backbone(tmp_path)
-    assert saved["method"]["name"] == cfg["method"]["name"]
-    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
-    rebuilt = build_method(cfg, build_backbone(cfg["model"], 1))
-    rebuilt.load_state_dict(state["method"])  # every key and shape matches
 
 
 @pytest.mark.parametrize("name,extra", [("byol", {"model.head": "mlp_bn"}), ("simsiam", {"model.head": "mlp_bn"})])

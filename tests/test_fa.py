@@ -6,12 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_byol_simsiam import check_smoke_run, smoke_cfg
+from helpers import check_smoke_run, smoke_cfg, tiny_method
 
 from ftcl import config
-from ftcl.methods.base import build_method
 from ftcl.methods.moco import info_nce
-from ftcl.models.backbones import build_backbone
 from ftcl.transforms.fa import (
     FAConfig,
     FeatureAugmentation,
@@ -25,11 +23,7 @@ from ftcl.transforms.fa import (
 
 
 def tiny(name: str = "moco", **overrides):
-    cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "model.feature_dim": 16,
-                                    "method.queue_size": 32, "data.dataset": "digits", "method.name": name,
-                                    "fa.enabled": True, **overrides})
-    torch.manual_seed(0)
-    return build_method(cfg, build_backbone(cfg["model"], in_channels=1))
+    return tiny_method(name, **{"fa.enabled": True, **overrides})
 
 
 def fa(dim: int = 4, **kw) -> FeatureAugmentation:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_byol_simsiam import check_smoke_run, smoke_cfg
+from helpers import check_smoke_run, smoke_cfg, tiny_method
 
 from ftcl import config
 from ftcl.methods.base import build_method
@@ -23,11 +23,7 @@ from ftcl.transforms.hsg import (
 
 
 def tiny(name: str = "moco", **overrides):
-    cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "model.feature_dim": 16,
-                                    "method.queue_size": 32, "data.dataset": "digits", "method.name": name,
-                                    "hsg.enabled": True, "hsg.generator.width": 8, "optim.epochs": 5, **overrides})
-    torch.manual_seed(0)
-    return build_method(cfg, build_backbone(cfg["model"], in_channels=1))
+    return tiny_method(name, **{"hsg.enabled": True, "hsg.generator.width": 8, "optim.epochs": 5, **overrides})
 
 
 def test_gradient_reversal_is_identity_forward_and_negated_backward():

@@ -5,18 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_ema_follows, tiny_method
 
-from ftcl import config
-from ftcl.methods.base import build_method, ema_update
 from ftcl.methods.moco import info_nce
-from ftcl.models.backbones import build_backbone
 
 
 def tiny_moco(**overrides):
-    cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "method.queue_size": 32,
-                                    "data.dataset": "digits", **overrides})
-    torch.manual_seed(0)
-    return build_method(cfg, build_backbone(cfg["model"], in_channels=1))
+    return tiny_method("moco", **{"model.feature_dim": 128, **overrides})
 
 
 def test_info_nce_matches_hand_computation():
@@ -77,14 +72,7 @@ def test_gradient_flows_to_the_query_encoder_only():
 
 def test_momentum_update_moves_the_key_encoder_towards_the_query_encoder():
     moco = tiny_moco()
-    with torch.no_grad():
-        for p in moco.encoder_q.parameters():
-            p.add_(1.0)
-    q0 = [p.clone() for p in moco.encoder_q.parameters()]
-    k0 = [p.clone() for p in moco.encoder_k.parameters()]
-    ema_update(moco.momentum_pairs(), 0.9)
-    for q, k_before, k_after in zip(q0, k0, moco.encoder_k.parameters(), strict=True):
-        assert torch.allclose(k_after, 0.9 * k_before + 0.1 * q)
+    assert_ema_follows(moco, moco.encoder_q, moco.encoder_k)
 
 
 def test_heads_are_normalised_and_v1_head_is_linear():
