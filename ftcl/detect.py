@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import math
 import time
 from bisect import bisect_right
@@ -56,6 +57,7 @@ from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 METRICS = ("AP", "AP50", "AP75", "VOC07_AP50")
 RESULT_FILE = "detection.json"
 PER_CLASS_FILE = "per_class_ap.csv"
+DETECTION_FORMAT = "ftcl-detection-resume-1"  # OUT/checkpoints/last.pt while fine-tuning runs
 FPN_LEVELS = 5  # P2-P5 plus the max-pooled P6
 
 
@@ -265,13 +267,21 @@ def _collate(batch: Sequence) -> tuple:
 
 
 def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapping[str, Any],
-                   device: torch.device, seed: int, log: Callable[[str], None] = print) -> None:
+                   device: torch.device, seed: int, log: Callable[[str], None] = print,
+                   ckpt_dir: str | Path | None = None, fingerprint: str = "") -> None:
     """Fine-tune ``model`` for ``det["iterations"]`` SGD steps of ``det["batch_size"]`` images.
 
     lr = ``lr_per_16 * batch_size / 16`` (linear scaling) following :func:`lr_at`; momentum,
     weight decay (:func:`parameter_groups`), random horizontal flips, sampling without replacement
     epoch after epoch, all seeded by ``seed``; gradients clipped to ``clip_grad_norm`` when set
     (short, high-lr CPU schedules). A non-finite loss stops the run with an error.
+
+    With ``ckpt_dir``, every ``checkpoint_every`` iterations the model, the optimiser, the iteration
+    and the global RNG state are saved atomically to ``ckpt_dir/last.pt``, and a run that finds that
+    file resumes after its iteration: the image order and the flips are drawn up front from
+    ``seed``, so the resumed run sees exactly the batches the uninterrupted one would have. A file
+    saved under another ``fingerprint`` (other settings or another pretrained backbone) is not
+    resumed from: training starts afresh and says so. The file is removed once training ends.
     """
     iterations, batch_size = int(det["iterations"]), int(det["batch_size"])
     if iterations == 0:
@@ -280,19 +290,23 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
     base_lr = float(det["lr_per_16"]) * batch_size / 16
     optimizer = torch.optim.SGD(parameter_groups(model, float(det["weight_decay"])), lr=base_lr,
                                 momentum=float(det["momentum"]))
-    sampler = RandomSampler(dataset, num_samples=iterations * batch_size,
-                            generator=torch.Generator().manual_seed(seed))
-    flips = torch.Generator().manual_seed(seed + 1)
-    loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=_collate,
-                        num_workers=int(det["num_workers"]))
+    order = list(RandomSampler(dataset, num_samples=iterations * batch_size,
+                               generator=torch.Generator().manual_seed(seed)))
+    flips = (torch.rand(iterations * batch_size, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).tolist()
+    done, rng = _resume_detector(model, optimizer, ckpt_dir, fingerprint, device, log)
+    every = int(det.get("checkpoint_every") or 0)
+    batches = iter(DataLoader(dataset, batch_size, sampler=order[done * batch_size:], collate_fn=_collate,
+                              num_workers=int(det["num_workers"])))
+    if rng is not None:  # after the loader's own draw from the global RNG, as in the uninterrupted run
+        torch.set_rng_state(rng)
     start = time.perf_counter()
-    for it, (images, targets) in enumerate(loader, start=1):
+    for it, (images, targets) in enumerate(batches, start=done + 1):
         lr = lr_at(it - 1, base_lr, det["warmup_iterations"], det["warmup_factor"], det["milestones"],
                    det["gamma"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        pairs = [hflip(i, t) if det["hflip"] and torch.rand(1, generator=flips) < 0.5 else (i, t)
-                 for i, t in zip(images, targets)]
+        flip = flips[(it - 1) * batch_size:it * batch_size]
+        pairs = [hflip(i, t) if det["hflip"] and f else (i, t) for i, t, f in zip(images, targets, flip)]
         losses = model([i.to(device) for i, _ in pairs],
                        [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in pairs])
         loss = sum(losses.values())
@@ -303,10 +317,42 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
         if det["clip_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(det["clip_grad_norm"]))
         optimizer.step()
-        if it == 1 or it % int(det["log_every"]) == 0 or it == iterations:
-            rate = (time.perf_counter() - start) / it
+        if it == done + 1 or it % int(det["log_every"]) == 0 or it == iterations:
+            rate = (time.perf_counter() - start) / (it - done)
             log(f"[detect] iter {it}/{iterations} loss {loss.item():.3f} ({_fmt(losses)}) lr {lr:.2e} "
                 f"{rate:.2f} s/it")
+        if ckpt_dir is not None and every and it % every == 0 and it < iterations:
+            ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
+                              "rng": torch.get_rng_state(), "fingerprint": fingerprint,
+                              "format": DETECTION_FORMAT}, Path(ckpt_dir) / "last.pt")
+    if ckpt_dir is not None:
+        (Path(ckpt_dir) / "last.pt").unlink(missing_ok=True)
+
+
+def _resume_detector(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: str | Path | None,
+                     fingerprint: str, device: torch.device,
+                     log: Callable[[str], None]) -> tuple[int, Tensor | None]:
+    """Load ``ckpt_dir/last.pt`` into ``model`` and ``optimizer`` if it exists and was saved under
+    ``fingerprint``; the iterations it holds (0: start afresh) and the global RNG state to go on with."""
+    path = Path(ckpt_dir) / "last.pt" if ckpt_dir is not None else None
+    if path is None or not path.exists():
+        return 0, None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # torch raises several types for truncated/corrupt zips
+        log(f"[detect] not resuming: {path} is truncated or corrupted ({err}); training from the start")
+        return 0, None
+    if not isinstance(state, dict) or state.get("format") != DETECTION_FORMAT:
+        log(f"[detect] not resuming: {path} is not a detection checkpoint; training from the start")
+        return 0, None
+    if state.get("fingerprint") != fingerprint:
+        log(f"[detect] not resuming from {path}: it was saved with other detection settings or another "
+            "pretrained backbone; training from the start")
+        return 0, None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log(f"[detect] resumed from {path} after iteration {state['iteration']}")
+    return int(state["iteration"]), state["rng"]
 
 
 def _fmt(losses: Mapping[str, Tensor]) -> str:
@@ -584,7 +630,11 @@ def fit_and_evaluate(job: DetectionJob, cfg: Mapping, det: Mapping[str, Any], ou
         f"/ {len(data.test)} test images, {len(data.classes)} classes, {det['iterations']} iterations "
         f"on {device}")
     start = time.perf_counter()
-    train_detector(job.model, data.train, det, device, int(cfg["seed"]), log)
+    fingerprint = json.dumps({"detection": dict(det), "seed": cfg["seed"], "checkpoint": str(job.checkpoint),
+                              "pretrain_epochs": job.pretrain_epochs, "model": job.model_cfg}, sort_keys=True,
+                             default=str)
+    train_detector(job.model, data.train, det, device, int(cfg["seed"]), log, ckpt_dir=out / "checkpoints",
+                   fingerprint=fingerprint)
     train_s = time.perf_counter() - start
     predictions = predict(job.model, data.test, int(det["eval_batch_size"]), device, int(det["num_workers"]))
     summary, rows = evaluate_detections([data.test.target(i) for i in range(len(data.test))], predictions,

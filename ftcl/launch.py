@@ -10,7 +10,7 @@ submits ``ftcl pretrain --config F --out D`` as a job and waits for it. Three la
   GPUs, CPUs, memory, time, per-stage settings (``launcher.stages.<stage>`` of the pipeline config).
 
 The job is a :class:`submitit.helpers.Checkpointable`: on preemption or time-out (SIGUSR2) submitit
-requeues it with the same arguments, and ``ftcl pretrain`` resumes from
+requeues it with the same arguments, and ``ftcl pretrain`` and ``ftcl detect`` resume from
 ``<out>/checkpoints/last.pt``. With more than one task (``tasks_per_node`` = GPUs per node by default)
 the job exports the ``torch.distributed`` ``env://`` variables (``MASTER_ADDR``, ``RANK``,
 ``LOCAL_RANK``, ...; every task sees all GPUs of its node, as under ``torchrun``).
@@ -197,7 +197,7 @@ def launcher_section(path: str | Path) -> dict[str, Any]:
 class FtclJob(submitit.helpers.Checkpointable):
     """``ftcl <argv>`` run inside a submitit job; requeued as is on preemption or time-out.
 
-    Requeueing resubmits the same arguments; a resumable stage (``ftcl pretrain``) then continues
+    Requeueing resubmits the same arguments; a resumable stage (``ftcl pretrain``, ``ftcl detect``) then continues
     from its last checkpoint and its MLflow run (``<out>/.mlflow_run_id``).
     """
 

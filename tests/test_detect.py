@@ -25,6 +25,7 @@ from ftcl.detect import (
     evaluate_detections,
     hflip,
     lr_at,
+    train_detector,
     voc07_ap,
     voc_precision_recall,
 )
@@ -284,6 +285,56 @@ def test_short_cpu_finetune_on_scenes_beats_the_untrained_detector(tmp_path, cap
     rows = (tmp_path / "trained" / "per_class_ap.csv").read_text().splitlines()
     assert rows[0] == "class,num_boxes,AP,AP50,AP75,VOC07_AP50" and len(rows) == 11
     assert (tmp_path / "trained" / "config.yaml").is_file()
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp_path, one_torch_thread):
+    spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=2, seed=3)
+    classes = [str(k) for k in range(10)]
+    root = ddata.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
+    data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
+    det = small_settings(min_size=[48], max_size=48, batch_size=2, iterations=6, warmup_iterations=2,
+                         milestones=[5], num_workers=0, log_every=1, checkpoint_every=2, lr_per_16=0.05)
+    model_cfg = config.resolve(overrides=SMALL_MODEL)["model"]
+
+    def detector():
+        torch.manual_seed(0)
+        return build_detector("random", None, "c4", len(classes), "frozen", model_cfg=model_cfg, in_channels=1,
+                              settings=det)
+
+    reference = detector()
+    train_detector(reference, data, det, torch.device("cpu"), seed=1, log=lambda _: None)
+
+    def stop_after_5(line: str) -> None:
+        if line.startswith("[detect] iter 5/"):
+            raise Preempted  # after the step of iteration 5; the last checkpoint holds iteration 4
+
+    ckpt_dir = tmp_path / "out" / "checkpoints"
+    with pytest.raises(Preempted):
+        train_detector(detector(), data, det, torch.device("cpu"), seed=1, log=stop_after_5, ckpt_dir=ckpt_dir,
+                       fingerprint="a")
+    assert torch.load(ckpt_dir / "last.pt", weights_only=False)["iteration"] == 4
+
+    lines: list[str] = []
+    resumed = detector()
+    train_detector(resumed, data, det, torch.device("cpu"), seed=1, log=lines.append, ckpt_dir=ckpt_dir,
+                   fingerprint="a")
+    assert any("resumed from" in line and "after iteration 4" in line for line in lines)
+    assert [re.match(r"\[detect\] iter (\d+)/", line)[1] for line in lines if " iter " in line] == ["5", "6"]
+    for (key, want), got in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(want.float(), got.float(), atol=1e-5), key
+    assert not (ckpt_dir / "last.pt").exists()  # removed once training ended
+
+    with pytest.raises(Preempted):
+        train_detector(detector(), data, det, torch.device("cpu"), seed=1, log=stop_after_5, ckpt_dir=ckpt_dir,
+                       fingerprint="a")
+    lines.clear()
+    train_detector(detector(), data, det, torch.device("cpu"), seed=1, log=lines.append, ckpt_dir=ckpt_dir,
+                   fingerprint="another backbone")
+    assert any("not resuming" in line for line in lines) and lines[1].startswith("[detect] iter 1/")
 
 
 def test_detect_cli_rejects_a_missing_checkpoint_with_exit_code_2(tmp_path, capsys):
