@@ -66,7 +66,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from ftcl.tracking import Tracker
     from ftcl.train import preflight, pretrain
 
-    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # data and sizes, before tracking or compute
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.out)  # data, sizes, resumability: before tracking
 
     rank = int(os.environ.get("RANK", "0"))
     with Tracker(cfg, args.out, "pretrain", rank=rank) as tracker:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftcl import checkpoint as ckpt
-from ftcl.config import dump
+from ftcl.config import dump, flatten, load_yaml
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
 from ftcl.errors import ConfigError, NonFiniteLossError
@@ -174,9 +174,40 @@ class TrainStep:
         return out
 
 
-def preflight(cfg: Mapping, world: int = 1):
-    """The training set, after the checks that must fail before any compute or tracking starts."""
+#: run-config keys that may change between a run and its resumption (the rest must match)
+RESUME_FREE_KEYS = ("experiment", "device", "log_every", "tracking.", "checkpoint.", "scores.", "eval.",
+                    "detection.", "data.root", "data.num_workers", "optim.epochs")
+
+
+def check_resume(cfg: Mapping, out_dir: str | Path) -> None:
+    """Refuse to resume ``out_dir`` under another config (ConfigError naming the keys), before anything is written.
+
+    A folder with checkpoints and a ``config.yaml`` belongs to the run of that config; resuming it
+    with, say, another ``model.width`` or ``ft.positive.mode`` would mix two experiments. Keys in
+    :data:`RESUME_FREE_KEYS` may change (e.g. more ``optim.epochs`` to train on).
+    """
+    out_dir = Path(out_dir)
+    saved_path = out_dir / "config.yaml"
+    if not (saved_path.is_file() and any((out_dir / "checkpoints").glob("*.pt"))):
+        return
+    saved, current = flatten(load_yaml(saved_path)), flatten(cfg)
+    changed = [f"{k} ({saved.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r})"
+               for k in sorted(set(saved) | set(current))
+               if saved.get(k) != current.get(k) and not k.startswith(RESUME_FREE_KEYS)]
+    if changed:
+        raise ConfigError(
+            f"{out_dir} holds checkpoints of a run with another config; it would resume them with changed keys "
+            f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}. Use another --out, or delete "
+            f"{out_dir / 'checkpoints'} to start that folder afresh"
+        )
+
+
+def preflight(cfg: Mapping, world: int = 1, out_dir: str | Path | None = None):
+    """The training set, after the checks that must fail before any compute or tracking starts
+    (with ``out_dir``: also :func:`check_resume`)."""
     select_device(cfg["device"])
+    if out_dir is not None:
+        check_resume(cfg, out_dir)
     data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
     per_step = cfg["optim"]["batch_size"] * world
     if len(data) < per_step:
@@ -202,12 +233,12 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     device = select_device(cfg["device"])
     seed_everything(cfg["seed"] + rank)
     ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"
+    data = preflight(cfg, world, out_dir)
     if main:
         dump(cfg, out_dir / "config.yaml")
         for stale in ckpt_dir.glob(".*.tmp"):  # left by a kill during a write; never a checkpoint
             stale.unlink(missing_ok=True)
 
-    data = preflight(cfg, world)
     loader = _loader(data, cfg, device, cfg["seed"])
     iters = len(loader)
     step = TrainStep.build(cfg, data, device, world)

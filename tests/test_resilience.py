@@ -138,6 +138,10 @@ def files(tmp_path_factory):
     other = config.resolve(overrides={"model.backbone": "resnet50", "model.width": 8})
     wrong = {**good, "backbone": build_backbone(other["model"], 1).state_dict()}
     ckpt.atomic_save(wrong, d / "wrongarch" / "checkpoints" / "last.pt")
+    # a run folder of TINY with FT on, resumable: a rerun with FT off must not resume it
+    ft_run = config.resolve(overrides={**TINY, "ft.positive.mode": "extrapolate"})
+    config.dump(ft_run, d / "ft_run" / "config.yaml")
+    ckpt.atomic_save(good, d / "ft_run" / "checkpoints" / "last.pt")
     return d
 
 
@@ -182,6 +186,8 @@ BAD_INPUTS = {
     "checkpoint of another architecture": (lambda d: ["knn", "--checkpoint", str(d / "wrongarch")],
                                            "does not fit this backbone"),
     "missing checkpoint": (lambda d: ["knn", "--checkpoint", str(d / "nothing")], "no pretraining checkpoint"),
+    "resuming a run folder of another config": (lambda d: [*pretrain_args(), "--out", str(d / "ft_run")],
+                                                "ft.positive.mode ('extrapolate' -> 'none')"),
 }
 
 
@@ -204,6 +210,21 @@ def test_bad_input_fails_with_a_clear_message_and_touches_no_results(case, files
     assert all(p.read_bytes() == content for p, content in before.items())  # existing results untouched
     assert not (out / "checkpoints").exists()
     assert time.perf_counter() - t0 < 30
+
+
+def test_a_run_folder_resumes_only_under_its_own_config(files):
+    from ftcl.train import check_resume
+
+    folder = files / "ft_run"
+    saved = (folder / "config.yaml").read_bytes()
+    same = config.load_yaml(folder / "config.yaml")
+    check_resume(same, folder)  # its own config
+    longer = config.resolve(overrides={**TINY, "ft.positive.mode": "extrapolate", "optim.epochs": 5,
+                                       "tracking.enabled": True, "log_every": 1})
+    check_resume(longer, folder)  # more epochs, other tracking and logging: still the same run
+    with pytest.raises(config.ConfigError, match=r"model.width \(8 -> 16\)"):
+        check_resume(config.resolve(overrides={**TINY, "ft.positive.mode": "extrapolate", "model.width": 16}), folder)
+    assert (folder / "config.yaml").read_bytes() == saved
 
 
 def test_the_sweep_has_at_least_twenty_cases():

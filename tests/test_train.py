@@ -15,6 +15,7 @@ import torch
 from ftcl import checkpoint as ckpt
 from ftcl import config
 from ftcl.evaluate import knn_eval, linear_probe
+from ftcl.methods import moco
 from ftcl.train import NonFiniteLossError, pretrain
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -79,13 +80,15 @@ def test_killed_run_resumes_without_redoing_finished_epochs(tmp_path):
     assert list(iterations["iteration"]) == list(range(len(iterations)))  # no gap, no repeat
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = config.resolve(overrides={"data.dataset": "digits", "model.width": 8, "model.small_stem": True,
                                     "method.queue_size": 128, "optim.epochs": 2, "optim.batch_size": 64,
                                     "tracking.enabled": False, "log_every": 1000})
     pretrain(cfg, tmp_path, echo=lambda *_: None)
     good = ckpt.load(tmp_path / "checkpoints" / "last.pt")
-    cfg = config.resolve(overrides={"optim.epochs": 3, "optim.lr_per_256": 1e30, "log_every": 1}, base=cfg)
+    cfg = config.resolve(overrides={"optim.epochs": 3, "log_every": 1}, base=cfg)  # one more epoch, which diverges
+    real_info_nce = moco.info_nce
+    monkeypatch.setattr(moco, "info_nce", lambda pos, neg, t: real_info_nce(pos, neg, t) * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at iteration \d+ \(epoch 3\)"):
         pretrain(cfg, tmp_path, echo=lambda *_: None)
     after = ckpt.load(tmp_path / "checkpoints" / "last.pt")
