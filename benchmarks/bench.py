@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench.py --gpu           # ResNet-50, 224 px, K=65536, bf16, on one GPU
 
 Section "methods": training images/s of plain MoCo, MoCo + FT, MoCo + FT + score recording,
-MoCo + FA, MoCo + HSG, BYOL (+ FA) and SimSiam, each as a ratio to plain MoCo. The variants are
+MoCo + FA, MoCo + HSG (one pair per view, and the demo row's setting: a quarter of the batch,
+width-8 generators), BYOL (+ FA) and SimSiam, each as a ratio to plain MoCo. The variants are
 timed in interleaved rounds (A B C A B C ...) on the same batch so that machine noise hits all of
 them alike; the median round is reported. ``--only a,b`` times a subset (moco is always kept).
 """
@@ -39,6 +40,7 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "moco+scores": ({}, True),
     "moco+fa": (FA, False),
     "moco+hsg": (HSG, False),
+    "moco+hsg/4": ({**HSG, "hsg.fraction": 0.25, "hsg.generator.width": 8}, False),  # the demo's +hsg row
     "byol": (BYOL, False),
     "byol+fa": ({**BYOL, **FA, "fa.placement": "parallel"}, False),
     "byol+scores": (BYOL, True),
