@@ -70,8 +70,12 @@ def accuracy_plot(frame: pd.DataFrame, path: str | Path, baseline: str | None = 
     rows = _rows(frame)
     palette = row_palette(rows)
     width = max(3.6, 0.75 * len(rows) + 1.6)
-    fig, axes = _figure(1, len(metrics), (width * len(metrics), 4.2))
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    ncols = 2 if len(metrics) > 2 and len(rows) > 4 else len(metrics)  # many rows: a 2-column grid
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = _figure(nrows, ncols, (width * ncols, 4.2 * nrows))
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         data = frame[["row", "seed", metric]].dropna()
         sns.stripplot(data=data, x="row", y=metric, hue="row", order=rows, hue_order=rows, palette=palette,
                       jitter=0.12, size=7, alpha=0.85, edgecolor="black", linewidth=0.6, legend=False, ax=ax)
