@@ -22,11 +22,11 @@ BIN = Path(sys.executable).parent
 
 def loading_vs_step(cfg: dict, batches: int = 8) -> dict[str, float]:
     """images/s of the data path alone (loader + two views) and of the full training step."""
-    from ftcl.train import TrainStep, _loader, preflight
+    from ftcl.train import TrainStep, _loader, batch_layout, preflight
 
     device = torch.device("cpu")
     data = preflight(cfg)
-    loader = _loader(data, cfg, device, 0)
+    loader = _loader(data, cfg, batch_layout(cfg), device, 0)
     step = TrainStep.build(cfg, data, device)
     bs = cfg["optim"]["batch_size"]
 

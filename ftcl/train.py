@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,11 +33,15 @@ from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_
 
 
 class RunLogger(Protocol):
+    def log_params(self, params: Mapping[str, object]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
 
 class NullLogger:
+    def log_params(self, params: Mapping[str, object]) -> None:
+        pass
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
 
@@ -44,11 +49,63 @@ class NullLogger:
         pass
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a step's batch is spread: ``optim.batch_size`` is the whole job's batch (MoCo's
+    ``main_moco.py`` and the FT code divide it among the processes); each of ``world`` processes
+    draws ``per_process`` images and normalises them in ``bn_splits`` BatchNorm sub-batches."""
+
+    global_batch: int
+    per_process: int
+    world: int
+    bn_splits: int
+
+    def params(self) -> dict[str, int]:
+        """What a run records about its batch (MLflow params, ``pretrain.json``)."""
+        return {"batch/global": self.global_batch, "batch/per_process": self.per_process,
+                "batch/world": self.world, "batch/bn_splits": self.bn_splits}
+
+
+def batch_layout(cfg: Mapping, world: int = 1) -> BatchLayout:
+    """The :class:`BatchLayout` of ``cfg`` on ``world`` processes; ``ConfigError`` when the global batch
+    does not divide among the processes, or the per-process batch among the BN sub-batches, or when
+    ``method.shuffle_bn`` asks for a Shuffle-BN that cannot happen (one process, one sub-batch)."""
+    from ftcl.methods.base import resolve_bn_splits
+
+    batch, method = int(cfg["optim"]["batch_size"]), cfg["method"]
+    if batch % world:
+        raise ConfigError(
+            f"key 'optim.batch_size' is {batch}, the whole job's batch, which {world} processes cannot share "
+            f"equally; use a multiple of {world}"
+        )
+    per_process = batch // world
+    splits = resolve_bn_splits(method, world)
+    if per_process % splits:
+        raise ConfigError(
+            f"key 'method.bn_splits' is {splits}{' (auto)' if method.get('bn_splits') is None else ''}, which does "
+            f"not divide the per-process batch {per_process} (optim.batch_size {batch} / {world} process(es)); "
+            "choose a batch that is a multiple of it, or set method.bn_splits to a divisor"
+        )
+    if per_process // splits < 2:
+        raise ConfigError(
+            f"key 'method.bn_splits' is {splits}: sub-batches of {per_process // splits} image(s) of the per-process "
+            f"batch {per_process}; a BatchNorm needs at least 2, so raise optim.batch_size or lower method.bn_splits"
+        )
+    if method["name"] == "moco" and method["shuffle_bn"] and world == 1 and splits == 1:
+        raise ConfigError(
+            "key 'method.shuffle_bn' is true but key 'method.bn_splits' is 1 in a single process: no key can be "
+            "normalised apart from its query. Set method.bn_splits >= 2 (null = 8), or method.shuffle_bn: false "
+            "to train without Shuffle-BN knowingly"
+        )
+    return BatchLayout(batch, per_process, world, splits)
+
+
 def learning_rate(cfg: Mapping, epoch: int, it: int, iters: int) -> float:
-    """lr at iteration ``it`` of ``epoch``: linear scaling (lr_per_256 * B / 256), linear warm-up,
+    """lr at iteration ``it`` of ``epoch``: linear scaling with the global batch
+    (lr_per_256 * optim.batch_size / 256, whatever the number of processes), linear warm-up,
     then cosine per epoch down to ``eta_min = lr * eta_min_ratio`` (MoCo v2 / FT schedule)."""
     o = cfg["optim"]
-    base = o["lr_per_256"] * o["batch_size"] * _world_size() / 256
+    base = o["lr_per_256"] * o["batch_size"] / 256
     if epoch < o["warmup_epochs"]:
         return base * (epoch * iters + it + 1) / (o["warmup_epochs"] * iters)
     if o["schedule"] == "constant":
@@ -91,13 +148,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(dataset, cfg: Mapping, device: torch.device, seed: int) -> DataLoader:
-    sampler = DistributedSampler(dataset, seed=seed, drop_last=True) if _world_size() > 1 else None
+def _loader(dataset, cfg: Mapping, layout: BatchLayout, device: torch.device, seed: int) -> DataLoader:
+    sampler = DistributedSampler(dataset, seed=seed, drop_last=True) if layout.world > 1 else None
     workers = int(cfg["data"]["num_workers"]) if not dataset.crops_on_device else 0
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=cfg["optim"]["batch_size"], shuffle=sampler is None, sampler=sampler,
+        dataset, batch_size=layout.per_process, shuffle=sampler is None, sampler=sampler,
         drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, generator=g,
     )
@@ -135,9 +192,10 @@ class TrainStep:
     @classmethod
     def build(cls, cfg: Mapping, data, device: torch.device, world: int = 1) -> TrainStep:
         """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean, std."""
+        layout = batch_layout(cfg, world)
         views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
                          tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
-        method = build_method(cfg, build_backbone(cfg["model"], data.channels)).to(device)
+        method = build_method(cfg, build_backbone(cfg["model"], data.channels), layout.bn_splits).to(device)
         channels_last = cfg["optim"]["channels_last"] and device.type == "cuda"
         if channels_last:
             method = method.to(memory_format=torch.channels_last)
@@ -204,16 +262,16 @@ def check_resume(cfg: Mapping, out_dir: str | Path) -> None:
 
 def preflight(cfg: Mapping, world: int = 1, out_dir: str | Path | None = None):
     """The training set, after the checks that must fail before any compute or tracking starts
-    (with ``out_dir``: also :func:`check_resume`)."""
+    (batch layout, device, with ``out_dir`` also :func:`check_resume`)."""
+    batch_layout(cfg, world)
     select_device(cfg["device"])
     if out_dir is not None:
         check_resume(cfg, out_dir)
     data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
-    per_step = cfg["optim"]["batch_size"] * world
-    if len(data) < per_step:
+    if len(data) < cfg["optim"]["batch_size"]:
         raise ConfigError(
-            f"key 'optim.batch_size' is {cfg['optim']['batch_size']} (x {world} process(es)), more than the "
-            f"{len(data)} training images; lower optim.batch_size or use more data"
+            f"key 'optim.batch_size' is {cfg['optim']['batch_size']}, more than the {len(data)} training images; "
+            "lower optim.batch_size or use more data"
         )
     return data
 
@@ -239,7 +297,8 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         for stale in ckpt_dir.glob(".*.tmp"):  # left by a kill during a write; never a checkpoint
             stale.unlink(missing_ok=True)
 
-    loader = _loader(data, cfg, device, cfg["seed"])
+    layout = batch_layout(cfg, world)
+    loader = _loader(data, cfg, layout, device, cfg["seed"])
     iters = len(loader)
     step = TrainStep.build(cfg, data, device, world)
     method, optimizer = step.method, step.optimizer
@@ -254,10 +313,13 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{cfg['optim']['epochs']}")
 
     scfg = cfg["scores"]
-    recorder = ScoreRecorder.from_config(scfg, iters, cfg["optim"]["epochs"], device) if scfg["enabled"] else None
+    recorder = (ScoreRecorder.from_config(scfg, iters, cfg["optim"]["epochs"], device, cfg["ft"])
+                if scfg["enabled"] else None)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    logger.log_params(layout.params())
     echo(f"[pretrain] {cfg['method']['name']} {cfg['model']['backbone']}(width {cfg['model']['width']}) on "
-         f"{cfg['data']['dataset']} ({len(data)} images, {iters} it/epoch, device {device}, world {world}); "
+         f"{cfg['data']['dataset']} ({len(data)} images, {iters} it/epoch, device {device}, world {world}, "
+         f"batch {layout.global_batch} = {world} x {layout.per_process}, BN in {layout.bn_splits} sub-batch(es)); "
          f"checkpoints in {ckpt_dir}")
     summary: dict = {}
     for epoch in range(start_epoch, cfg["optim"]["epochs"]):
@@ -285,7 +347,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         _check_finite(bad_step, epoch)
         seconds = time.perf_counter() - t0
         metrics = {"pretrain/loss": float(loss_sum.item() / iters), "pretrain/lr": lrs[-1],
-                   "pretrain/images_per_s": iters * cfg["optim"]["batch_size"] * world / seconds,
+                   "pretrain/images_per_s": iters * layout.global_batch / seconds,
                    "pretrain/epoch_seconds": seconds}
         if recorder and main:
             stats = recorder.flush(epoch, iteration - iters, lrs, score_dir)

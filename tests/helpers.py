@@ -15,6 +15,7 @@ from ftcl.models.backbones import build_backbone
 from ftcl.train import pretrain
 
 TINY = {"model.width": 8, "model.small_stem": True, "model.feature_dim": 16, "method.queue_size": 32,
+        "method.bn_splits": 2,  # split BatchNorm in 2 sub-batches, as a single-process MoCo run uses
         "data.dataset": "digits"}
 
 

@@ -84,8 +84,8 @@ def test_heads_and_predictor_widths():
     assert byol.predictor.net[0].out_features == 48  # BYOL: the projector's hidden width
     assert simsiam.predictor.net[0].out_features == 16 // 4  # SimSiam: a bottleneck
     assert tiny_method("simsiam", **{"method.predictor_hidden_dim": 7}).predictor.net[0].out_features == 7
-    z = byol.encoder(torch.randn(3, 1, 8, 8))
-    assert z.shape == (3, 16)
+    z = byol.encoder(torch.randn(4, 1, 8, 8))
+    assert z.shape == (4, 16)
 
 
 def test_score_recorder_handles_byol_output():

@@ -142,8 +142,9 @@ def test_generator_and_encoder_gradients_have_opposite_signs():
     assert torch.allclose(grads[1.0][1], grads[0.0][1], atol=1e-6)
 
 
-@pytest.mark.parametrize(("fraction", "pairs"), [(1.0, 10), (0.25, 3), (0.01, 2)])
+@pytest.mark.parametrize(("fraction", "pairs"), [(1.0, 10), (0.25, 4), (0.01, 4)])
 def test_fraction_sets_how_many_views_seed_a_pair(fraction, pairs):
+    # ceil(fraction x 10), at least 2 per BatchNorm sub-batch, a multiple of the 2 sub-batches
     moco = tiny(**{"hsg.fraction": fraction})
     x = torch.randn(10, 1, 8, 8)
     sample = moco.hsg(x, 0)
@@ -156,6 +157,13 @@ def test_fraction_sets_how_many_views_seed_a_pair(fraction, pairs):
     assert torch.allclose(unaugmented, moco.hsg(x[:pairs], 0).first, atol=1e-5)  # the first views of the batch
     moco.hsg.fraction = fraction
     moco.training_step(x, torch.randn_like(x), epoch=0).loss.backward()
+
+
+def test_pair_count_rounds_up_to_the_split_batchnorm_sub_batches():
+    from ftcl.transforms.hsg import pair_count
+
+    assert [pair_count(256, f, 8) for f in (1.0, 0.25, 0.1, 0.001)] == [256, 64, 32, 16]
+    assert pair_count(10, 0.25, 1) == 3 and pair_count(10, 0.01, 1) == 2 and pair_count(6, 0.9, 4) == 6
 
 
 def test_fraction_outside_the_unit_interval_is_rejected():

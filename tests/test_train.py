@@ -96,13 +96,41 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_ddp_with_torchrun_trains_two_processes_into_one_run(tmp_path):
+    """optim.batch_size is the whole job's batch: 2 processes x 32 for 64, and the lr of batch 64."""
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ftcl.cli", "pretrain", "--out", str(tmp_path),
            "--set", "data.dataset=digits", "--set", "model.width=8", "--set", "model.small_stem=true",
-           "--set", "method.queue_size=256", "--set", "optim.epochs=2", "--set", "optim.batch_size=32",
-           "--set", "tracking.enabled=false"]
+           "--set", "method.queue_size=256", "--set", "optim.epochs=2", "--set", "optim.batch_size=64",
+           "--set", "optim.lr_per_256=0.04", "--set", "tracking.enabled=false"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "world 2" in run.stdout and run.stdout.count("[pretrain] epoch 2/2") == 1  # rank 0 reports alone
+    assert "batch 64 = 2 x 32, BN in 1 sub-batch(es)" in run.stdout  # under DDP the shuffle is across processes
+    first_epoch = next(line for line in run.stdout.splitlines() if line.startswith("[pretrain] epoch 1/2"))
+    assert " lr 0.01 " in first_epoch  # 0.04 x 64 / 256, whatever the number of processes
     state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
-    assert state["epoch"] == 2 and state["iteration"] == 2 * (1347 // 64)  # each process sees half the data
+    # each process sees half of the 1347 training digits (673) in batches of 32: 21 steps per epoch
+    assert state["epoch"] == 2 and state["iteration"] == 2 * ((1347 // 2) // 32)
+
+
+def test_paper_configs_train_at_lr_003_for_a_global_batch_of_256_whatever_the_gpu_count():
+    from ftcl.train import batch_layout, learning_rate
+
+    for path in sorted(Path("config/paper").glob("*.yaml")):
+        pipeline = config.load_yaml(path)
+        cfg = config.resolve(base=pipeline["defaults"])
+        gpus = pipeline.get("launcher", {}).get("stages", {}).get("pretrain", {}).get(
+            "gpus_per_node", pipeline.get("launcher", {}).get("slurm", {}).get("gpus_per_node", 1))
+        layout = batch_layout(cfg, world=gpus)
+        assert layout.global_batch == cfg["optim"]["batch_size"], path
+        assert layout.per_process * gpus == layout.global_batch, path
+        assert learning_rate(cfg, 0, 0, 100) == pytest.approx(cfg["optim"]["lr_per_256"] * layout.global_batch / 256)
+        if cfg["optim"]["batch_size"] == 256 and cfg["method"]["name"] == "moco" and "hsg" not in path.name:
+            assert learning_rate(cfg, 0, 0, 100) == pytest.approx(0.03), path
+
+
+def test_a_global_batch_that_does_not_divide_among_processes_is_rejected():
+    from ftcl.train import batch_layout
+
+    with pytest.raises(config.ConfigError, match=r"'optim.batch_size' is 100.*3 processes cannot share"):
+        batch_layout(config.resolve(overrides={"optim.batch_size": 100}), world=3)

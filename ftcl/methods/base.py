@@ -67,10 +67,34 @@ def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> Non
         torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
 
 
-def build_method(cfg: Mapping, backbone: nn.Module) -> Method:
-    """The method named by ``cfg['method']['name']``, built around ``backbone``."""
+#: sub-batches of a split BatchNorm when MoCo runs in one process (MoCo's single-GPU CIFAR-10 recipe)
+SINGLE_PROCESS_BN_SPLITS = 8
+
+
+def resolve_bn_splits(method_cfg: Mapping, world: int = 1) -> int:
+    """Sub-batches each process's BatchNorm layers normalise a training batch in (``method.bn_splits``).
+
+    ``null`` (auto): MoCo with ``shuffle_bn`` in one process gets :data:`SINGLE_PROCESS_BN_SPLITS`, so
+    that a query and its key never share BatchNorm statistics; under DDP the key batch is shuffled
+    across processes instead (MoCo Sec. 3.3), so 1. BYOL and SimSiam have no negatives to cheat with
+    and their papers use plain (synchronised) BatchNorm: 1 unless set.
+    """
+    value = method_cfg.get("bn_splits")
+    if value is not None:
+        return int(value)
+    if method_cfg["name"] == "moco" and method_cfg.get("shuffle_bn", False) and world == 1:
+        return SINGLE_PROCESS_BN_SPLITS
+    return 1
+
+
+def build_method(cfg: Mapping, backbone: nn.Module, bn_splits: int | None = None) -> Method:
+    """The method named by ``cfg['method']['name']``, built around ``backbone``.
+
+    ``bn_splits``: see :func:`resolve_bn_splits` (None: resolved for one process).
+    """
     import ftcl.methods.byol  # noqa: F401  (each registers itself)
     import ftcl.methods.moco  # noqa: F401
     import ftcl.methods.simsiam  # noqa: F401
 
-    return METHODS.get(cfg["method"]["name"])(cfg, backbone)
+    splits = resolve_bn_splits(cfg["method"]) if bn_splits is None else bn_splits
+    return METHODS.get(cfg["method"]["name"])(cfg, backbone, bn_splits=splits)

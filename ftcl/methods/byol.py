@@ -24,8 +24,8 @@ from ftcl.methods.simsiam import InstanceSimilarity
 class BYOL(InstanceSimilarity):
     """BYOL; the predictor's hidden width defaults to the projector's (4096 in the paper)."""
 
-    def __init__(self, cfg: Mapping, backbone: nn.Module):
-        super().__init__(cfg, backbone)
+    def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1):
+        super().__init__(cfg, backbone, bn_splits)
         self.target = copy.deepcopy(self.encoder)
         for p in self.target.parameters():
             p.requires_grad_(False)

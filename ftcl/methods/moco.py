@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ftcl.methods.base import METHODS, Method, StepOutput
 from ftcl.models.heads import Encoder, ProjectionHead
+from ftcl.models.split_bn import convert_split_batchnorm, frozen_bn_statistics, split_shuffle
 from ftcl.transforms.fa import FeatureAugmentation, multi_positive_info_nce, weighted_mean
 from ftcl.transforms.ft import FeatureTransform
 from ftcl.transforms.hsg import HardSampleGenerator, input_channels
@@ -56,7 +57,10 @@ class MoCo(Method):
     One step: q = f_q(v1), k = f_k(v2) (no grad); ``FeatureTransform`` gives (q', k', negatives');
     loss = InfoNCE(q'.k', q'.negatives'). After the optimiser step the *unmixed* keys k are
     enqueued (``after_step``). Under DDP the keys are gathered from all processes and the key
-    encoder's batch is shuffled across processes (Shuffle-BN, MoCo Sec. 3.3).
+    encoder's batch is shuffled across processes (Shuffle-BN, MoCo Sec. 3.3). In one process (or
+    with ``bn_splits > 1``) both encoders normalise the batch in ``bn_splits`` sub-batches
+    (``ftcl/models/split_bn.py``) and the key batch is permuted so that every key lands in another
+    sub-batch than its query (:func:`~ftcl.models.split_bn.split_shuffle`): MoCo's single-GPU recipe.
 
     With ``fa.enabled`` the augmented keys are extra positives and the augmented negatives extra
     negatives (``FeatureAugmentation.instance_discrimination``): with L = InfoNCE(q'.k', [q'.n', q'.FA(n')])
@@ -67,11 +71,12 @@ class MoCo(Method):
     generated keys are never enqueued.
     """
 
-    def __init__(self, cfg: Mapping, backbone: nn.Module):
+    def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1):
         super().__init__()
         m, model = cfg["method"], cfg["model"]
         head = ProjectionHead(model["head"], backbone.out_dim, model["feature_dim"], model["hidden_dim"])
-        self.encoder_q = Encoder(backbone, head)
+        self.bn_splits = int(bn_splits)
+        self.encoder_q = convert_split_batchnorm(Encoder(backbone, head), self.bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
@@ -79,7 +84,7 @@ class MoCo(Method):
         self.shuffle_bn = bool(m["shuffle_bn"])
         self.transform = FeatureTransform.from_config(cfg["ft"])
         self.fa = FeatureAugmentation.from_config(cfg.get("fa", {}), model["feature_dim"], has_queue=True)
-        self.hsg = HardSampleGenerator.from_config(cfg, input_channels(backbone))
+        self.hsg = HardSampleGenerator.from_config(cfg, input_channels(backbone), batch_multiple=self.bn_splits)
         queue = F.normalize(torch.randn(int(m["queue_size"]), model["feature_dim"]), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -94,17 +99,29 @@ class MoCo(Method):
 
     @torch.no_grad()
     def _keys(self, view: Tensor) -> Tensor:
-        if not (_distributed() and self.shuffle_bn):
+        """Keys of ``view``, computed with Shuffle-BN when ``shuffle_bn``: across processes under
+        DDP, and across the split BatchNorm's sub-batches within a process."""
+        if not self.shuffle_bn:
             return self.encoder_k(view)
+        if not _distributed():
+            return self._split_shuffled_keys(view)
         world, rank = dist.get_world_size(), dist.get_rank()
         full = gather_all(view)
         perm = torch.randperm(full.shape[0], device=view.device)
         dist.broadcast(perm, src=0)
         local = perm.view(world, -1)[rank]
-        keys = self.encoder_k(full[local])
+        keys = self._split_shuffled_keys(full[local])
         keys_all = gather_all(keys)
         unshuffle = torch.argsort(perm).view(world, -1)[rank]
         return keys_all[unshuffle]
+
+    def _split_shuffled_keys(self, view: Tensor) -> Tensor:
+        """Keys in the order of ``view``, each computed in another BN sub-batch than its query
+        (no shuffle without ``shuffle_bn`` or with one sub-batch)."""
+        if not self.shuffle_bn or self.bn_splits == 1:
+            return self.encoder_k(view)
+        perm = split_shuffle(view.shape[0], self.bn_splits, view.device)
+        return self.encoder_k(view[perm])[torch.argsort(perm)]  # row perm[p] of the output is row p
 
     def training_step(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
         q = self.encoder_q(view1).float()
@@ -128,9 +145,12 @@ class MoCo(Method):
     def _pair_loss(self, x1: Tensor, x2: Tensor) -> Tensor:
         """InfoNCE of a generated pair: f_q(x1) against f_k(x2) and the queue. The key encoder's
         weights get no gradient (they do not require it) but its input does, so both generators
-        learn; no Shuffle-BN for generated keys."""
+        learn. The generated keys are computed with Shuffle-BN like real ones, and without
+        updating the key encoder's BatchNorm running statistics: those describe the key encoder
+        on real views only (as the EMA copy of the query encoder it is)."""
         q = self.encoder_q(x1).float()
-        k = self.encoder_k(x2).float()
+        with frozen_bn_statistics(self.encoder_k):
+            k = self._split_shuffled_keys(x2).float()
         return info_nce((q * k).sum(dim=1), q @ self.queue.T, self.temperature)
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ftcl.methods.base import METHODS, Method, StepOutput
 from ftcl.models.heads import Encoder, PredictionHead, ProjectionHead
+from ftcl.models.split_bn import convert_split_batchnorm
 from ftcl.transforms.fa import FeatureAugmentation, cosine, weighted_mean
 from ftcl.transforms.hsg import HardSampleGenerator, input_channels
 
@@ -51,9 +52,10 @@ class InstanceSimilarity(Method):
 
     default_predictor_bottleneck = False
 
-    def __init__(self, cfg: Mapping, backbone: nn.Module):
+    def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1):
         super().__init__()
         m, model = cfg["method"], cfg["model"]
+        self.bn_splits = int(bn_splits)
         dim = int(model["feature_dim"])
         head = ProjectionHead(model["head"], backbone.out_dim, dim, model["hidden_dim"], normalize=False)
         self.encoder = Encoder(backbone, head)
@@ -61,8 +63,10 @@ class InstanceSimilarity(Method):
         if hidden is None:
             hidden = max(1, dim // 4) if self.default_predictor_bottleneck else (head.hidden_dim or backbone.out_dim)
         self.predictor = PredictionHead(dim, int(hidden))
+        convert_split_batchnorm(self.encoder, self.bn_splits)  # BYOL's target copies the converted encoder
+        convert_split_batchnorm(self.predictor, self.bn_splits)
         self.fa = FeatureAugmentation.from_config(cfg.get("fa", {}), dim, has_queue=False)
-        self.hsg = HardSampleGenerator.from_config(cfg, input_channels(backbone))
+        self.hsg = HardSampleGenerator.from_config(cfg, input_channels(backbone), batch_multiple=self.bn_splits)
 
     @property
     def backbone(self) -> nn.Module:  # type: ignore[override]

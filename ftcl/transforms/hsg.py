@@ -48,7 +48,8 @@ pixels). Its target s(epoch) falls from ``hsg.pair.similarity_start`` to ``simil
   the generators see it): the similarity follows the target only as far as training pulls it.
 
 **How many pairs.** ``hsg.fraction`` of each batch seeds the generators, one pair per view: the
-first ceil(fraction x B) views (at least 2, so batch-norm heads see a batch; the batch is
+first ceil(fraction x B) views (at least 2 per BatchNorm sub-batch, so every BatchNorm sees a batch,
+and rounded up to a multiple of the method's sub-batches, ``method.bn_splits``; the batch is
 shuffled). 1.0 (default) makes one pair per view. The generators run at the full input resolution
 and their pair goes through both encoders with gradients, so the extra cost scales with this
 fraction: lower it where HSG must fit a budget.
@@ -191,6 +192,15 @@ class HSGSample:
     target: float
 
 
+def pair_count(batch: int, fraction: float, multiple: int = 1) -> int:
+    """Generated pairs per step: ``ceil(fraction x batch)``, at least 2 per BatchNorm sub-batch (a
+    BatchNorm needs two samples), rounded up to a multiple of ``multiple`` (a split BatchNorm's
+    sub-batches), at most ``batch``."""
+    n = max(2 * multiple, math.ceil(fraction * batch))
+    n = -(-n // multiple) * multiple
+    return min(n, batch)
+
+
 class HardSampleGenerator(nn.Module):
     """The pair of generators, the similarity schedule and the reversal layer (module docstring)."""
 
@@ -198,7 +208,8 @@ class HardSampleGenerator(nn.Module):
                  stages: int | None = None, epsilon: float = 0.5, mode: str = "project",
                  similarity_start: float = 0.95, similarity_end: float = 0.75, schedule: str = "linear",
                  penalty_weight: float = 10.0, reaugment: bool = True, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 weight: float = 1.0, adversarial_scale: float = 1.0, fraction: float = 1.0):
+                 weight: float = 1.0, adversarial_scale: float = 1.0, fraction: float = 1.0,
+                 batch_multiple: int = 1):
         super().__init__()
         if not 0 < fraction <= 1:
             raise ValueError(f"hsg.fraction {fraction!r} must be in (0, 1]")
@@ -213,10 +224,12 @@ class HardSampleGenerator(nn.Module):
         self.similarity_start, self.similarity_end = similarity_start, similarity_end
         self.penalty_weight, self.reaugment, self.crop_scale = penalty_weight, reaugment, tuple(crop_scale)
         self.weight, self.adversarial_scale, self.fraction = weight, adversarial_scale, fraction
+        self.batch_multiple = int(batch_multiple)
 
     @classmethod
-    def from_config(cls, cfg: Mapping, channels: int) -> HardSampleGenerator | None:
-        """The generators of run config ``cfg`` (``None`` unless ``hsg.enabled``)."""
+    def from_config(cls, cfg: Mapping, channels: int, batch_multiple: int = 1) -> HardSampleGenerator | None:
+        """The generators of run config ``cfg`` (``None`` unless ``hsg.enabled``); ``batch_multiple``:
+        the pair count is rounded up to a multiple of it (the method's BatchNorm sub-batches)."""
         h = cfg.get("hsg") or {}
         if not h.get("enabled"):
             return None
@@ -226,15 +239,16 @@ class HardSampleGenerator(nn.Module):
                    similarity_start=p["similarity_start"], similarity_end=p["similarity_end"],
                    schedule=p["schedule"], penalty_weight=p["penalty_weight"], reaugment=h["reaugment"],
                    crop_scale=tuple(h["crop_scale"]), weight=h["weight"],
-                   adversarial_scale=h["adversarial_scale"], fraction=h.get("fraction", 1.0))
+                   adversarial_scale=h["adversarial_scale"], fraction=h.get("fraction", 1.0),
+                   batch_multiple=batch_multiple)
 
     def target(self, epoch: int) -> float:
         return similarity_target(epoch, self.epochs, self.similarity_start, self.similarity_end, self.schedule)
 
     def forward(self, x: Tensor, epoch: int) -> HSGSample:
-        """A hard positive pair generated from the first ``max(2, ceil(fraction x B))`` views of ``x``."""
+        """A hard positive pair generated from the first :func:`pair_count` views of ``x``."""
         target = self.target(epoch)
-        x = x[: max(2, math.ceil(self.fraction * x.shape[0]))]
+        x = x[: pair_count(x.shape[0], self.fraction, self.batch_multiple)]
         b, nz = x.shape[0], self.gen_a.noise_dim
         a = self.gen_a(x, torch.randn(b, nz, device=x.device, dtype=x.dtype)).float()
         second = self.gen_b(x, torch.randn(b, nz, device=x.device, dtype=x.dtype)).float()
