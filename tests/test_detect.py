@@ -18,17 +18,10 @@ from ftcl import config
 from ftcl.checkpoint import FORMAT, CheckpointError, atomic_save
 from ftcl.config import ConfigError
 from ftcl.data import detection as ddata
-from ftcl.detect import (
-    backbone_weights,
-    build_detector,
-    detection_settings,
-    evaluate_detections,
-    hflip,
-    lr_at,
-    train_detector,
-    voc07_ap,
-    voc_precision_recall,
-)
+from ftcl.detection.metrics import evaluate_detections, voc07_ap, voc_precision_recall
+from ftcl.detection.model import AlignedRoIAlign, backbone_weights, build_detector
+from ftcl.detection.stage import detection_settings
+from ftcl.detection.train import hflip, lr_at, precise_bn, train_detector, update_bn_stats
 from ftcl.models.backbones import build_backbone
 
 SMALL_MODEL = {"model.backbone": "resnet18", "model.width": 16, "model.small_stem": True}
@@ -93,6 +86,50 @@ def test_frozen_norm_and_freeze_at_leave_early_stages_untrainable(tmp_path):
     assert model.backbone.layer2[0].conv1.weight.requires_grad
     assert isinstance(model.backbone.bn1, FrozenBatchNorm2d)
     assert isinstance(model.backbone.layer2[0].bn1, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("norm", ["frozen", "sync", "train"])
+def test_c4_box_head_is_mocos_res5_extra_norm_and_aligned_roialign(tmp_path, norm):
+    write_pretrain_checkpoint(tmp_path, SMALL_MODEL)
+    torch.manual_seed(0)
+    model = build_detector("pretrained", tmp_path, "c4", 3, norm, settings=small_settings(roi_pool_size=14))
+    head = model.roi_heads.box_head
+    assert [name for name, _ in head.named_children()] == ["layer4", "norm", "pool", "flatten"]
+    channels = head.layer4[-1].conv2.out_channels  # resnet18 basic blocks: res5's output channels
+    expected = {"frozen": FrozenBatchNorm2d, "sync": torch.nn.SyncBatchNorm, "train": torch.nn.BatchNorm2d}[norm]
+    assert type(head.norm) is expected and head.norm.weight.shape == (channels,)
+    x = torch.randn(2, channels, 3, 3)
+    if norm == "frozen":  # Detectron2's FrozenBatchNorm2d defaults: identity
+        assert torch.allclose(head.norm(x), x, atol=1e-6)
+    else:
+        assert torch.equal(head.norm.running_mean, torch.zeros(channels)) and head.norm.weight.requires_grad
+    assert any(k.startswith("roi_heads.box_head.norm.") for k in model.state_dict())
+
+    pool = model.roi_heads.box_roi_pool
+    assert isinstance(pool, AlignedRoIAlign) and pool.output_size == (14, 14) and pool.sampling_ratio == 0
+    predictor = model.roi_heads.box_predictor
+    assert predictor.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.25)
+    assert predictor.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.25)
+    assert not predictor.cls_score.bias.any() and not predictor.bbox_pred.bias.any()
+    model.eval()
+    with torch.no_grad():
+        assert model([torch.rand(3, 64, 64)])[0]["boxes"].shape[1] == 4
+
+
+def test_aligned_roialign_samples_at_half_pixel_centres_with_the_inferred_scale():
+    # feature value = the continuous x coordinate of the feature pixel's centre (index + 0.5)
+    feature = (torch.arange(8.0) + 0.5).expand(1, 1, 8, 8).contiguous()
+    box = torch.tensor([[16.0, 16.0, 80.0, 48.0]])  # image pixels; the image is 128 x 128, scale 1/16
+    pool = AlignedRoIAlign("0", output_size=2, sampling_ratio=0)
+    assert pool.infer_scale(feature, [(128, 128), (120, 100)]) == 1 / 16
+    out = pool({"0": feature}, [box], [(128, 128)])
+    # aligned=True: bin j's centre is at x1 + (j + 0.5) * width / 2 in continuous image coordinates
+    centres = (16.0 + (torch.arange(2.0) + 0.5) * 64 / 2) / 16
+    assert torch.allclose(out[0, 0, 0], centres) and torch.allclose(out[0, 0, 1], centres)
+    from torchvision.ops import roi_align
+
+    legacy = roi_align(feature, [box], 2, spatial_scale=1 / 16, sampling_ratio=0, aligned=False)
+    assert torch.allclose(legacy[0, 0, 0], centres + 0.5)  # the half-pixel shift aligned=True removes
 
 
 @pytest.mark.parametrize("mismatch", ["width", "arch", "ddp_prefix"])
@@ -274,16 +311,20 @@ def test_short_cpu_finetune_on_scenes_beats_the_untrained_detector(tmp_path, cap
         results[name] = json.loads((tmp_path / name / "detection.json").read_text())
     elapsed = time.perf_counter() - start
     with capsys.disabled():
-        print(f"\n[scenes fine-tune] untrained AP50 {results['untrained']['AP50']:.1f} -> trained "
-              f"{results['trained']['AP50']:.1f} (VOC07 {results['trained']['VOC07_AP50']:.1f}), {elapsed:.0f} s")
+        print(f"\n[scenes fine-tune] untrained VOC07 AP50 {results['untrained']['voc07_AP50']:.1f} -> trained "
+              f"{results['trained']['voc07_AP50']:.1f} (COCO AP50 {results['trained']['coco_AP50']:.1f}), "
+              f"{elapsed:.0f} s")
 
     trained, untrained = results["trained"], results["untrained"]
-    assert trained["AP50"] > untrained["AP50"] + 10.0
-    assert trained["VOC07_AP50"] > untrained["VOC07_AP50"] + 10.0
+    assert trained["voc07_AP50"] > untrained["voc07_AP50"] + 10.0
+    assert trained["coco_AP50"] > untrained["coco_AP50"] + 10.0
+    assert trained["voc07_AP50"] >= trained["voc07_AP"] >= 0 and trained["coco_AP50"] >= trained["coco_AP"] >= 0
     assert trained["protocol"]["iterations"] == 300 and trained["checkpoint"].endswith("last.pt")
+    assert trained["protocol"]["primary"] == "voc07" and trained["protocol"]["precise_bn_iterations"] == 0
+    assert trained["protocol"]["lr"] == pytest.approx(0.08 * 4 / 16) and trained["protocol"]["batch_size"] == 4
     assert set(trained["per_class"]) == {str(k) for k in range(10)}
     rows = (tmp_path / "trained" / "per_class_ap.csv").read_text().splitlines()
-    assert rows[0] == "class,num_boxes,AP,AP50,AP75,VOC07_AP50" and len(rows) == 11
+    assert rows[0] == "class,num_boxes,voc07_AP50,voc07_AP,voc07_AP75,coco_AP,coco_AP50,coco_AP75" and len(rows) == 11
     assert (tmp_path / "trained" / "config.yaml").is_file()
 
 
@@ -337,6 +378,115 @@ def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp
     assert any("not resuming" in line for line in lines) and lines[1].startswith("[detect] iter 1/")
 
 
+class BNNet(torch.nn.Module):
+    """A model called as ``model(x, target)`` (the detector's training call) with two BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3, momentum=0.1)
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+        self.bn2 = torch.nn.BatchNorm2d(2)
+
+    def forward(self, x, target=None):
+        return {"loss": self.bn2(self.conv(self.bn(x))).mean()}
+
+
+def test_update_bn_stats_averages_batch_statistics_and_leaves_weights_alone():
+    torch.manual_seed(0)
+    model = BNNet().eval()
+    batches = [(torch.randn(4, 3, 5, 5) * (k + 1) + k, None) for k in range(5)]
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    assert update_bn_stats(model, iter(batches), 3) == 3
+    first = torch.stack([x for x, _ in batches[:3]])  # batches 0-2 only
+    assert torch.allclose(model.bn.running_mean, first.mean(dim=(1, 3, 4)).mean(0), atol=1e-5)
+    assert torch.allclose(model.bn.running_var, first.var(dim=(1, 3, 4), unbiased=True).mean(0), atol=1e-4)
+    assert model.bn.momentum == 0.1 and not model.training  # restored
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+    frozen = torch.nn.Sequential(FrozenBatchNorm2d(3))
+    assert update_bn_stats(frozen, iter(batches), 3) == 0
+
+
+@pytest.mark.parametrize("norm", ["train", "sync"])
+def test_precise_bn_recomputes_the_detectors_statistics_over_training_batches(tmp_path, one_torch_thread, norm):
+    spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=6, num_test=2, seed=3)
+    classes = [str(k) for k in range(10)]
+    root = ddata.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
+    data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
+    det = small_settings(min_size=[48], max_size=48, batch_size=2, iterations=1, num_workers=0,
+                         precise_bn_iterations=3)
+    model_cfg = config.resolve(overrides=SMALL_MODEL)["model"]
+    torch.manual_seed(0)
+    model = build_detector("random", None, "c4", len(classes), norm, model_cfg=model_cfg, in_channels=1,
+                           settings=det).eval()
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert "roi_heads.box_head.norm" in bns
+    seen = {name: [] for name in bns}
+
+    def record(name):
+        def hook(module, inputs):
+            x = inputs[0].detach().double()
+            seen[name].append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in bns.items()]
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    lines: list[str] = []
+    assert precise_bn(model, data, det, torch.device("cpu"), seed=0, log=lines.append) == 3
+    for h in handles:
+        h.remove()
+    assert "over 3 training batches" in lines[0] and not model.training
+    for name, bn in bns.items():
+        assert len(seen[name]) == 3, name  # one call per batch, in training mode
+        mean = torch.stack([m for m, _ in seen[name]]).mean(0)
+        var = torch.stack([v for _, v in seen[name]]).mean(0)
+        assert torch.allclose(bn.running_mean.double(), mean, rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(bn.running_var.double(), var, rtol=1e-4, atol=1e-5), name
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+
+    assert precise_bn(model, data, {**det, "precise_bn_iterations": 0}, torch.device("cpu"), 0, lines.append) == 0
+    assert precise_bn(model, data, {**det, "iterations": 0}, torch.device("cpu"), 0, lines.append) == 0
+    frozen = build_detector("random", None, "c4", len(classes), "frozen", model_cfg=model_cfg, in_channels=1,
+                            settings=det)
+    assert precise_bn(frozen, data, det, torch.device("cpu"), 0, lines.append) == 0
+
+
+def test_detect_cli_writes_both_metric_families_protocol_and_mlflow(tmp_path, one_torch_thread):
+    from mlflow.tracking import MlflowClient
+
+    from ftcl.cli import main
+
+    write_pretrain_checkpoint(tmp_path / "pretrain", SMALL_MODEL, seed=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_cfg = {"data": {"dataset": "digits"}, "model": {"backbone": "resnet18", "width": 16, "small_stem": True},
+               "tracking": {"uri": uri}, "experiment": "det", "device": "cpu",
+               "detection": {**SMALL_DETECTOR, "min_size": [48], "max_size": 48, "dataset": "scenes", "norm": "train",
+                             "scenes": {"folder": str(tmp_path / "scenes"), "canvas": 48, "items": [2, 3],
+                                        "item_size": [12, 18], "noise": 0.1, "num_train": 6, "num_test": 3,
+                                        "seed": 0},
+                             "batch_size": 2, "lr_per_16": 0.02, "iterations": 2, "precise_bn_iterations": 2,
+                             "num_workers": 0, "log_every": 1}}
+    (tmp_path / "detect.yaml").write_text(yaml.safe_dump(run_cfg))
+    out = tmp_path / "out"
+    assert main(["detect", "--config", str(tmp_path / "detect.yaml"), "--checkpoint", str(tmp_path / "pretrain"),
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "detection.json").read_text())
+    keys = ["voc07_AP50", "voc07_AP", "voc07_AP75", "coco_AP", "coco_AP50", "coco_AP75"]
+    assert all(isinstance(result[k], float) for k in keys)
+    assert not {"AP", "AP50", "VOC07_AP50"} & set(result)
+    protocol = result["protocol"]
+    assert protocol["primary"] == "voc07" and protocol["precise_bn_iterations"] == 2
+    assert protocol["batch_size"] == 2 and protocol["lr"] == pytest.approx(0.02 * 2 / 16)
+    assert "Detectron2" in protocol["metrics"] and "COCOeval" in protocol["metrics"]
+    assert set(next(iter(result["per_class"].values()))) == set(keys)
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("det").experiment_id],
+                                filter_string="tags.`ftcl.stage` = 'detection'")
+    assert set(run.data.metrics) == {f"det/{k}" for k in keys}
+    assert run.data.params["protocol.batch_size"] == "2" and float(run.data.params["protocol.lr"]) == 0.0025
+    assert run.data.params["protocol.primary"] == "voc07"
+
+
 def test_detect_cli_rejects_a_missing_checkpoint_with_exit_code_2(tmp_path, capsys):
     from ftcl.cli import main
 
@@ -350,7 +500,10 @@ def test_detect_cli_rejects_a_missing_checkpoint_with_exit_code_2(tmp_path, caps
 def test_voc07_ap_of_hand_computed_curves():
     assert voc07_ap([1.0], [1.0]) == pytest.approx(1.0)
     assert voc07_ap([0.5], [1.0]) == pytest.approx(6 / 11)  # t = 0 .. 0.5 reach precision 1, the rest 0
-    assert voc07_ap([0.3, 0.6], [1.0, 0.5]) == pytest.approx((4 * 1.0 + 3 * 0.5) / 11)  # t = k/10 exactly
+    # Detectron2's np.arange(0, 1.1, 0.1) makes the "0.3" point 0.30000000000000004 (and 0.6, 0.7 likewise):
+    # a recall of exactly 0.3 does not reach it, so t = 0.3 takes the precision at recall 0.6
+    assert voc07_ap([0.3, 0.6], [1.0, 0.5]) == pytest.approx((3 * 1.0 + 3 * 0.5) / 11)
+    assert voc07_ap([0.4, 0.8], [1.0, 0.5]) == pytest.approx((5 * 1.0 + 4 * 0.5) / 11)  # 0.4, 0.8 are exact
     assert voc07_ap([], []) == 0.0
 
 
@@ -380,11 +533,11 @@ def test_evaluation_of_perfect_and_empty_predictions():
     perfect = [{"boxes": t["boxes"].numpy(), "scores": np.array([0.9, 0.8]), "labels": t["labels"].numpy()}
                for t in targets]
     summary, rows = evaluate_detections(targets, perfect, ["a", "b", "c"])
-    assert summary == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "VOC07_AP50": 100.0})
-    assert np.isnan(rows[2]["AP"]) and rows[0]["num_boxes"] == 1
+    keys = ("voc07_AP50", "voc07_AP", "voc07_AP75", "coco_AP", "coco_AP50", "coco_AP75")
+    assert summary == pytest.approx(dict.fromkeys(keys, 100.0))
+    assert all(np.isnan(rows[2][k]) for k in keys) and rows[0]["num_boxes"] == 1
     empty = [{"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}]
-    assert evaluate_detections(targets, empty, ["a", "b", "c"])[0] == pytest.approx(
-        {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "VOC07_AP50": 0.0})
+    assert evaluate_detections(targets, empty, ["a", "b", "c"])[0] == pytest.approx(dict.fromkeys(keys, 0.0))
 
 
 def test_warmup_then_step_learning_rate():

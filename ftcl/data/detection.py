@@ -3,14 +3,16 @@
 Every dataset here is a :class:`DetectionDataset` whose items are ``(image, target)``:
 
 * ``image``: float tensor ``3 x H x W`` in [0, 1] (RGB; grey files are repeated to three channels,
-  a 1-channel backbone averages them back, see ``ftcl.detect``);
+  a 1-channel backbone averages them back, see ``ftcl.detection.model``);
 * ``target``: ``{"boxes": float32 (N, 4) xyxy, "labels": int64 (N,) in 1..C, "difficult": bool (N,)}``
   (label 0 is the background, torchvision's convention).
 
 Boxes are in continuous, 0-based pixel coordinates. VOC files store 1-based inclusive pixel
 indices, so a VOC box ``(xmin, ymin, xmax, ymax)`` becomes ``(xmin - 1, ymin - 1, xmax, ymax)``
 (detectron2's ``pascal_voc.py`` convention); its width ``xmax - xmin + 1`` is the one the VOC
-devkit's IoU uses, so VOC evaluation on these boxes reproduces the devkit's overlaps exactly.
+devkit's IoU uses, so the continuous IoU of these boxes is the devkit's ``+1``-pixel IoU of the raw
+ones (``ftcl.detection.metrics`` evaluates in the devkit's own pixel indices, ``+1`` on ``xmin`` and
+``ymin``, which gives back the XML's integers exactly).
 
 ``compose_scenes`` writes a synthetic multi-object set in the VOC devkit layout from a labelled
 image set (the pretraining dataset's held-out split), so the same VOC loader reads it.
@@ -136,7 +138,7 @@ def coco_annotations(json_path: str | Path, image_dir: str | Path) -> tuple[list
     """Annotations and class names (by category id) of a COCO ``instances_*.json``.
 
     COCO boxes are ``[x, y, w, h]`` in continuous 0-based pixels; they become xyxy. ``iscrowd``
-    regions are kept as ``difficult`` (ignored by the evaluation, see ``ftcl.detect``).
+    regions are kept as ``difficult`` (ignored by the evaluation, see ``ftcl.detection.metrics``).
     """
     json_path, image_dir = Path(json_path), Path(image_dir)
     if not json_path.is_file():
