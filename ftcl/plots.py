@@ -25,13 +25,17 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from ftcl.scores import display_edges, tail_label
+
 log = logging.getLogger(__name__)
 
 ACCURACY_METRICS: dict[str, str] = {
     "linear_top1": "Linear top-1 accuracy (%)",
     "knn_top1": "kNN top-1 accuracy (%)",
-    "det_AP50": "Detection AP50",
-    "det_AP": "Detection AP",
+    "det_voc07_AP50": "VOC07 AP50",
+    "det_voc07_AP": "VOC07 AP",
+    "det_coco_AP": "COCO AP",
+    "det_coco_AP50": "COCO AP50",
 }
 POS_COLOR, NEG_COLOR = "tab:blue", "tab:red"  # as the per-run plots of ftcl.scores
 DPI = 130
@@ -174,14 +178,14 @@ def _last_histograms(frame: pd.DataFrame, row: str) -> tuple[pd.DataFrame, int] 
             epoch = int(hist["epoch"].iloc[0])
         else:
             epoch = int(files[-1].stem.rsplit("_", 1)[1])
-        found.setdefault(epoch, []).append(hist.sort_values("bin_left").reset_index(drop=True))
+        found.setdefault(epoch, []).append(hist.sort_values("bin_left").reset_index(drop=True))  # underflow first
     if not found:
         return None
     epoch = max(found)
     hists = found[epoch]
     total = hists[0][["bin_left", "bin_right", "pos_count", "neg_count"]].astype(float).copy()
     for other in hists[1:]:
-        if len(other) != len(total) or not np.allclose(other["bin_left"], total["bin_left"]):
+        if len(other) != len(total) or not np.allclose(other["bin_left"], total["bin_left"], equal_nan=True):
             log.warning("row %r: a seed's histogram bins differ from the first seed's; it is left out", row)
             continue
         total[["pos_count", "neg_count"]] += other[["pos_count", "neg_count"]].to_numpy()
@@ -197,29 +201,30 @@ def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4)
     nrows = math.ceil(len(hists) / ncols)
     lows, highs = [], []
     for total, _ in hists.values():
-        used = total[(total["pos_count"] > 0) | (total["neg_count"] > 0)]
-        if len(used):
-            lows.append(used["bin_left"].min())
-            highs.append(used["bin_right"].max())
+        edges = display_edges(total)
+        used = (total["pos_count"] > 0).to_numpy() | (total["neg_count"] > 0).to_numpy()
+        if used.any():
+            lows.append(edges[:-1][used].min())
+            highs.append(edges[1:][used].max())
     fig, axes = _figure(nrows, ncols, (3.6 * ncols, 3.0 * nrows), sharex=True)
     for ax, (row, (total, epoch)) in zip(axes.flat, hists.items(), strict=False):
-        edges = np.append(total["bin_left"].to_numpy(), total["bin_right"].iloc[-1])
-        widths = (total["bin_right"] - total["bin_left"]).to_numpy()
+        edges = display_edges(total)
+        widths = np.diff(edges)
         sides = (("neg_count", NEG_COLOR, "negatives"), ("pos_count", POS_COLOR, "positives"))
         for column, color, label in sides:
             counts = total[column].to_numpy()
             density = counts / (counts.sum() * widths) if counts.sum() > 0 else counts
             ax.stairs(density, edges, fill=True, color=color, alpha=0.35)
-            ax.stairs(density, edges, color=color, linewidth=1.2, label=label)
+            ax.stairs(density, edges, color=color, linewidth=1.2, label=label + tail_label(total, column))
         ax.set_title(f"{row} · epoch {epoch + 1}", fontsize=10)
-        ax.set_xlabel("cosine score")
+        ax.set_xlabel("score (outer bins: outside the range)")
         ax.set_ylabel("density")
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(hists):]:
         ax.set_visible(False)
     if lows:
         pad = 0.03 * (max(highs) - min(lows))
         axes[0, 0].set_xlim(min(lows) - pad, max(highs) + pad)
-    axes[0, 0].legend(fontsize=8)
     fig.suptitle("Score distributions at the last recorded epoch (seeds pooled, each side normalised)")
     return _save(fig, Path(path))
 

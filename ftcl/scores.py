@@ -8,8 +8,14 @@ of B positives s+_b and B x K negatives s-_bk:
   neg_var      = mean_b var_k s-_bk                (the spread of one sample's negatives)
   exp_pos_mean = mean_b exp(s+_b / tau)
   exp_neg_mean = mean_b mean_k exp(s-_bk / tau)
+  pos_outside  = share of the s+_b outside [-1, 1]
+  neg_outside  = share of the s-_bk outside [-1, 1]
+Scores leave [-1, 1] when a transform leaves the unit sphere: positive extrapolation without
+renormalisation gives q'.k' = s (l^2 + (1 - l)^2) + 2 l (1 - l), e.g. -2 for s = 0.4, l = 2, and
+|q'| up to sqrt(5), so negatives q'.n' can exceed 1.
 Every ``histogram_every`` iterations of the chosen epochs, the raw pos and neg scores are added to
-fixed-bin histograms on [-1, 1]. Nothing leaves the device until ``flush``: one copy per epoch.
+fixed-bin histograms on ``scores.range`` (:func:`histogram_range`) with one underflow and one
+overflow bin, so no score is dropped. Nothing leaves the device until ``flush``: one copy per epoch.
 
 Cost. The positive statistics use the whole batch (B numbers). The negative statistics and the
 negative histogram use the first ``rows`` rows of the B x K matrix only (config ``scores.rows``,
@@ -22,18 +28,40 @@ cancellation error stays near 1e-7, far below the variances the paper plots, ~1e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-STAT_COLUMNS = ("loss", "pos_mean", "neg_mean", "neg_var", "exp_pos_mean", "exp_neg_mean")
+STAT_COLUMNS = ("loss", "pos_mean", "neg_mean", "neg_var", "exp_pos_mean", "exp_neg_mean", "pos_outside",
+                "neg_outside")
+#: the histogram range of scores that stay on the unit sphere (cosines)
+UNIT_RANGE = (-1.0, 1.0)
+#: the default range when positives are extrapolated without renormalisation
+EXTRAPOLATED_RANGE = (-3.0, 2.0)
+
+
+def histogram_range(scores_cfg: Mapping, ft_cfg: Mapping | None = None) -> tuple[float, float]:
+    """``scores.range``, or by default [-1, 1], widened to [-3, 2] when ``ft.positive`` extrapolates
+    without renormalising (the scores the loss uses then leave [-1, 1]; see the module docstring)."""
+    if scores_cfg.get("range") is not None:
+        low, high = (float(v) for v in scores_cfg["range"])
+        if not low < high:
+            raise ValueError(f"scores.range {list(scores_cfg['range'])} must be [low, high] with low < high")
+        return low, high
+    positive = (ft_cfg or {}).get("positive") or {}
+    if positive.get("mode") == "extrapolate" and not positive.get("renormalize", False):
+        return EXTRAPOLATED_RANGE
+    return UNIT_RANGE
 
 
 def score_statistics(pos: Tensor, neg: Tensor | None, temperature: float, rows: int | None = None) -> Tensor:
-    """The five statistics above as one device tensor ``[pos_mean, neg_mean, neg_var, exp_pos, exp_neg]``.
+    """The seven statistics above as one device tensor
+    ``[pos_mean, neg_mean, neg_var, exp_pos, exp_neg, pos_outside, neg_outside]``.
 
     ``neg=None`` (methods without negatives) gives NaN for the negative statistics. ``rows`` limits
     the negative statistics to the first ``rows`` rows of ``neg`` (None = all). ``neg_var`` is the
@@ -41,15 +69,24 @@ def score_statistics(pos: Tensor, neg: Tensor | None, temperature: float, rows: 
     """
     pos = pos.detach().float()
     exp_pos = torch.exp(pos / temperature).mean()
+    pos_outside = (pos.abs() > 1).float().mean()
     if neg is None:
         nan = torch.full((), float("nan"), device=pos.device)
-        return torch.stack([pos.mean(), nan, nan, exp_pos, nan])
+        return torch.stack([pos.mean(), nan, nan, exp_pos, nan, pos_outside, nan])
     neg = negative_rows(neg, rows).float()
     k = neg.shape[1]
     row_mean = neg.mean(dim=1)
     row_var = (neg.square().mean(dim=1) - row_mean.square()).clamp_min(0) * (k / max(k - 1, 1))
     return torch.stack([pos.mean(), row_mean.mean(), row_var.mean(), exp_pos,
-                        torch.exp(neg * (1.0 / temperature)).mean()])
+                        torch.exp(neg * (1.0 / temperature)).mean(), pos_outside, (neg.abs() > 1).float().mean()])
+
+
+def histogram_with_tails(values: Tensor, bins: int, low: float, high: float) -> Tensor:
+    """Counts of ``values`` in ``bins`` equal bins on [low, high], with one underflow bin (< low) first
+    and one overflow bin (> high) last: ``bins + 2`` counts, so every value is counted."""
+    values = values.detach().float().flatten()
+    inside = torch.histc(values, bins, low, high)
+    return torch.cat([(values < low).sum().float().view(1), inside, (values > high).sum().float().view(1)])
 
 
 def negative_rows(neg: Tensor, rows: int | None) -> Tensor:
@@ -67,21 +104,25 @@ class ScoreRecorder:
     """Accumulates per-iteration statistics and histograms on ``device`` for one epoch at a time."""
 
     def __init__(self, iters_per_epoch: int, total_epochs: int, histogram_epochs: Sequence[int],
-                 histogram_every: int, bins: int, device: torch.device, rows: int | None = None):
+                 histogram_every: int, bins: int, device: torch.device, rows: int | None = None,
+                 hist_range: tuple[float, float] = UNIT_RANGE):
         self.iters, self.rows = iters_per_epoch, rows
         self.hist_epochs = resolve_epochs(histogram_epochs, total_epochs)
         self.every, self.bins, self.device = histogram_every, bins, device
+        self.hist_range = (float(hist_range[0]), float(hist_range[1]))
         self._stats = torch.full((iters_per_epoch, len(STAT_COLUMNS)), float("nan"), device=device)
-        self._pos_hist = torch.zeros(bins, device=device)
-        self._neg_hist = torch.zeros(bins, device=device)
+        self._pos_hist = torch.zeros(bins + 2, device=device)
+        self._neg_hist = torch.zeros(bins + 2, device=device)
         self._n = 0
 
     @classmethod
-    def from_config(cls, scores_cfg: dict, iters_per_epoch: int, total_epochs: int,
-                    device: torch.device) -> ScoreRecorder:
-        """The recorder a run's ``scores`` config section describes."""
+    def from_config(cls, scores_cfg: Mapping, iters_per_epoch: int, total_epochs: int,
+                    device: torch.device, ft_cfg: Mapping | None = None) -> ScoreRecorder:
+        """The recorder a run's ``scores`` config section describes (``ft_cfg``: the run's ``ft``
+        section, which sets the default histogram range, :func:`histogram_range`)."""
         return cls(iters_per_epoch, total_epochs, scores_cfg["histogram_epochs"], scores_cfg["histogram_every"],
-                   scores_cfg["bins"], device, rows=scores_cfg.get("rows"))
+                   scores_cfg["bins"], device, rows=scores_cfg.get("rows"),
+                   hist_range=histogram_range(scores_cfg, ft_cfg))
 
     def record(self, i: int, loss: Tensor, pos: Tensor, neg: Tensor | None, temperature: float) -> None:
         """Store iteration ``i``'s statistics (no host synchronisation)."""
@@ -90,9 +131,9 @@ class ScoreRecorder:
             self._stats[i, 1:] = score_statistics(pos, neg, temperature, self.rows)
             self._n = max(self._n, i + 1)
             if self._epoch in self.hist_epochs and i % self.every == 0:
-                self._pos_hist += torch.histc(pos.detach().float(), self.bins, -1.0, 1.0)
+                self._pos_hist += histogram_with_tails(pos, self.bins, *self.hist_range)
                 if neg is not None:
-                    self._neg_hist += torch.histc(negative_rows(neg, self.rows).float(), self.bins, -1.0, 1.0)
+                    self._neg_hist += histogram_with_tails(negative_rows(neg, self.rows), self.bins, *self.hist_range)
 
     def start_epoch(self, epoch: int) -> None:
         self._epoch = epoch
@@ -111,9 +152,10 @@ class ScoreRecorder:
         frame["lr"] = list(lrs)[: self._n]
         _atomic_parquet(frame, out_dir / f"epoch_{epoch:04d}.parquet")
         if epoch in self.hist_epochs:
-            edges = torch.linspace(-1, 1, self.bins + 1)
+            low, high = self.hist_range
+            edges = [-math.inf, *torch.linspace(low, high, self.bins + 1).tolist(), math.inf]
             hist = pd.DataFrame({
-                "epoch": epoch, "bin_left": edges[:-1].numpy(), "bin_right": edges[1:].numpy(),
+                "epoch": epoch, "bin_left": edges[:-1], "bin_right": edges[1:],
                 "pos_count": self._pos_hist.cpu().numpy(), "neg_count": self._neg_hist.cpu().numpy(),
             })
             _atomic_parquet(hist, out_dir / f"hist_epoch_{epoch:04d}.parquet")
@@ -167,8 +209,45 @@ def plot_score_curves(stats: pd.DataFrame, path: Path, title: str = "") -> Path:
     return path
 
 
+def display_edges(hist: pd.DataFrame) -> np.ndarray:
+    """Bin edges of a histogram frame (sorted by ``bin_left``) for drawing: the underflow and overflow
+    bins, whose outer edges are infinite, are drawn one bin width beyond the range."""
+    left, right = hist["bin_left"].to_numpy(float), hist["bin_right"].to_numpy(float)
+    finite = np.isfinite(left) & np.isfinite(right)
+    width = float((right[finite] - left[finite]).min()) if finite.any() else 1.0
+    edges = np.append(left, right[-1])
+    if not np.isfinite(edges[0]):
+        edges[0] = edges[1] - width
+    if not np.isfinite(edges[-1]):
+        edges[-1] = edges[-2] + width
+    return edges
+
+
+def tail_shares(hist: pd.DataFrame, column: str) -> tuple[float, float]:
+    """Shares of ``column``'s counts in the underflow and overflow bins (0 when there are none)."""
+    total = float(hist[column].sum())
+    if total <= 0:
+        return 0.0, 0.0
+    under = hist.loc[~np.isfinite(hist["bin_left"].to_numpy(float)), column].sum()
+    over = hist.loc[~np.isfinite(hist["bin_right"].to_numpy(float)), column].sum()
+    return float(under) / total, float(over) / total
+
+
+def tail_label(hist: pd.DataFrame, column: str) -> str:
+    """``" (12.5% < -3, 0.1% > 2)"`` for the side's scores outside the histogram range, else ``""``."""
+    under, over = tail_shares(hist, column)
+    finite = hist[np.isfinite(hist["bin_left"].to_numpy(float)) & np.isfinite(hist["bin_right"].to_numpy(float))]
+    parts = []
+    if under > 0:
+        parts.append(f"{100 * under:.1f}% < {finite['bin_left'].min():g}")
+    if over > 0:
+        parts.append(f"{100 * over:.1f}% > {finite['bin_right'].max():g}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def plot_histograms(hists: pd.DataFrame, path: Path, epochs: Sequence[int], title: str = "") -> Path | None:
-    """Pos and neg score histograms (normalised to densities) for the chosen epochs."""
+    """Pos and neg score histograms (normalised to densities) for the chosen epochs; scores outside
+    the histogram range are drawn as the outermost (hatched) bins and their shares named in the legend."""
     if hists.empty:
         return None
     import matplotlib
@@ -181,17 +260,23 @@ def plot_histograms(hists: pd.DataFrame, path: Path, epochs: Sequence[int], titl
     chosen = chosen or available[-1:]
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 3.4), squeeze=False)
     for ax, epoch in zip(axes[0], chosen, strict=True):
-        h = hists[hists["epoch"] == epoch]
-        centers = (h["bin_left"] + h["bin_right"]) / 2
-        width = float((h["bin_right"] - h["bin_left"]).iloc[0])
+        h = hists[hists["epoch"] == epoch].sort_values("bin_left")
+        edges = display_edges(h)
+        widths = np.diff(edges)
+        tails = ~(np.isfinite(h["bin_left"].to_numpy(float)) & np.isfinite(h["bin_right"].to_numpy(float)))
         for col, color, name in (("pos_count", "tab:blue", "positive"), ("neg_count", "tab:red", "negative")):
             total = h[col].sum()
             if total > 0:
-                ax.bar(centers, h[col] / (total * width), width=width, alpha=0.55, color=color, label=name)
+                density = h[col].to_numpy(float) / (total * widths)
+                ax.bar(edges[:-1], density, width=widths, align="edge", alpha=0.55, color=color,
+                       hatch=None, label=name + tail_label(h, col))
+                if tails.any():
+                    ax.bar(edges[:-1][tails], density[tails], width=widths[tails], align="edge", fill=False,
+                           hatch="///", edgecolor=color)
         ax.set_title(f"epoch {epoch + 1}")
-        ax.set_xlabel("cosine score")
+        ax.set_xlabel("score (cosine; outer bins: outside the range)")
         ax.set_ylabel("density")
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title or "pos/neg score distribution")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

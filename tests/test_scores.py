@@ -72,3 +72,36 @@ def test_recorder_histograms_only_the_sampled_rows(tmp_path):
     rec.flush(0, 0, [0.1], tmp_path)
     _, hists = load_scores(tmp_path)
     assert hists["pos_count"].sum() == 6 and hists["neg_count"].sum() == 20
+
+
+def test_extrapolated_positives_below_minus_one_are_histogrammed_and_counted(tmp_path):
+    from ftcl.scores import EXTRAPOLATED_RANGE, histogram_range
+    from ftcl.transforms.ft import extrapolate_positives
+
+    # unit q, k with cosine 0.4 and lambda = 2 (b = 1): q'.k' = 0.4 * 5 - 4 = -2
+    q = torch.tensor([[1.0, 0.0]]).repeat(4, 1)
+    k = torch.tensor([[0.4, (1 - 0.16) ** 0.5]]).repeat(4, 1)
+    qt, kt = extrapolate_positives(q, k, 1.0)
+    pos = (qt * kt).sum(1)
+    assert torch.allclose(pos, torch.full((4,), -2.0), atol=1e-6)
+    pos = torch.cat([pos, torch.tensor([0.5, 0.9, -0.5, 3.5])])  # one above every range too
+    neg = torch.zeros(8, 3)
+
+    ft = {"positive": {"mode": "extrapolate", "renormalize": False}}
+    assert histogram_range({"range": None}, ft) == EXTRAPOLATED_RANGE
+    assert histogram_range({"range": None}, {"positive": {"mode": "extrapolate", "renormalize": True}}) == (-1, 1)
+    for hist_range, inside_low in ((None, 4), ([-1, 1], 0)):
+        rec = ScoreRecorder.from_config({"histogram_epochs": [0], "histogram_every": 1, "bins": 20, "rows": None,
+                                         "range": hist_range}, 1, 1, torch.device("cpu"), ft)
+        rec.start_epoch(0)
+        rec.record(0, torch.tensor(1.0), pos, neg, 0.2)
+        means = rec.flush(0, 0, [0.1], tmp_path)
+        _, hists = load_scores(tmp_path)
+        assert hists["pos_count"].sum() == 8  # no score dropped
+        below = hists.loc[hists["bin_right"] <= -1.0 + 1e-9, "pos_count"].sum()
+        assert below == 4  # the four extrapolated positives at -2
+        finite = hists[(hists["bin_left"] > -float("inf")) & (hists["bin_right"] < float("inf"))]
+        assert finite.loc[finite["bin_right"] <= -1.0 + 1e-9, "pos_count"].sum() == inside_low
+        assert hists["pos_count"].iloc[-1] == 1  # 3.5 lies in the overflow bin
+        assert means["pos_outside"] == pytest.approx(5 / 8) and means["neg_outside"] == 0.0
+        assert plot_histograms(hists, tmp_path / "h.png", [-1]).stat().st_size > 5_000
