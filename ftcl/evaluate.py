@@ -131,7 +131,7 @@ def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torc
         for images, y in loader:
             images = images.to(device, non_blocking=True)
             if dataset.crops_on_device:
-                x = eval_aug_batch(images, dataset.image_size, dataset.mean, dataset.std)
+                x = eval_aug_batch(images, dataset.image_size, dataset.mean, dataset.std, ecfg["crop_scale"])
             else:
                 x = normalize(images, dataset.mean, dataset.std)
             with torch.no_grad():
@@ -149,7 +149,7 @@ def linear_probe(backbone: nn.Module, cfg: Mapping, device: torch.device, echo=p
     test_x, test_y = extract_features(backbone, test, device, num_workers=workers)
     gen = torch.Generator().manual_seed(cfg["seed"])
     if ecfg["augment"]:
-        train = build_dataset(cfg["data"], "train", "eval_aug")
+        train = build_dataset(cfg["data"], "train", "eval_aug", crop_scale=ecfg["crop_scale"])
         batches = _augmented_batches(backbone, train, ecfg, device, workers)
     else:
         train = build_dataset(cfg["data"], "train", "eval")
@@ -159,8 +159,10 @@ def linear_probe(backbone: nn.Module, cfg: Mapping, device: torch.device, echo=p
     with torch.no_grad():
         acc = topk_accuracy(clf(test_x), test_y)
     protocol = {"kind": "linear", "epochs": ecfg["epochs"], "lr": ecfg["lr"], "schedule": ecfg["schedule"],
+                "milestones": ecfg["milestones"] if ecfg["schedule"] == "step" else None,
                 "weight_decay": ecfg["weight_decay"], "batch_size": ecfg["batch_size"],
-                "augment": ecfg["augment"], "features": "frozen pooled backbone",
+                "augment": ecfg["augment"], "crop_scale": ecfg["crop_scale"] if ecfg["augment"] else None,
+                "features": "frozen pooled backbone",
                 "train_images": len(train), "test_images": len(test)}
     return {**acc, "protocol": protocol}
 

@@ -82,11 +82,12 @@ def crop_flip(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def eval_aug_batch(batch: Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """The linear probe's augmented training input: RandomResizedCrop(scale 0.08-1) + flip,
+def eval_aug_batch(batch: Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],
+                   crop_scale: Sequence[float] = (0.08, 1.0)) -> Tensor:
+    """The linear probe's augmented training input: RandomResizedCrop(scale ``crop_scale``) + flip,
     batched on ``batch``'s device, then normalised. Use it on ``crops_on_device`` datasets; for the
     others the loader already cropped, so :func:`normalize` is enough."""
-    return normalize(crop_flip(batch.float() / 255.0, image_size, (0.08, 1.0)), mean, std)
+    return normalize(crop_flip(batch.float() / 255.0, image_size, tuple(crop_scale)), mean, std)
 
 
 
