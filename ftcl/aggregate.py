@@ -36,6 +36,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from ftcl.config import ConfigError, load_yaml
+from ftcl.constants import AGGREGATE_STAGE, RESULTS_DIR, TAG_ROW, TAG_SEED, TAG_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +47,35 @@ STAGE_RESULTS: dict[str, tuple[str, str, dict[str, str]]] = {
     "detection": (
         "detection",
         "detection.json",
-        {"AP": "det_AP", "AP50": "det_AP50", "AP75": "det_AP75", "VOC07_AP50": "det_VOC07_AP50"},
+        {"voc07_AP50": "det_voc07_AP50", "voc07_AP": "det_voc07_AP", "voc07_AP75": "det_voc07_AP75",
+         "coco_AP": "det_coco_AP", "coco_AP50": "det_coco_AP50", "coco_AP75": "det_coco_AP75"},
     ),
 }
 METRIC_COLUMNS: list[str] = [col for _, _, cols in STAGE_RESULTS.values() for col in cols.values()]
-#: the metrics of the ablation table, in column order
-TABLE_METRICS: tuple[str, ...] = ("linear_top1", "knn_top1", "det_AP50", "det_AP")
+#: the metrics of the ablation table, in column order (displays leave out those without values)
+TABLE_METRICS: tuple[str, ...] = ("linear_top1", "knn_top1", "det_voc07_AP50", "det_voc07_AP", "det_coco_AP",
+                                  "det_coco_AP50")
 METRIC_LABELS: dict[str, str] = {
     "linear_top1": "Linear top-1 (%)",
     "linear_top5": "Linear top-5 (%)",
     "knn_top1": "kNN top-1 (%)",
     "knn_top5": "kNN top-5 (%)",
-    "det_AP50": "Det. AP50",
-    "det_AP": "Det. AP",
-    "det_AP75": "Det. AP75",
-    "det_VOC07_AP50": "Det. VOC07 AP50",
+    "det_voc07_AP50": "VOC07 AP50",
+    "det_voc07_AP": "VOC07 AP",
+    "det_voc07_AP75": "VOC07 AP75",
+    "det_coco_AP": "COCO AP",
+    "det_coco_AP50": "COCO AP50",
+    "det_coco_AP75": "COCO AP75",
 }
 DELTA_LABELS: dict[str, str] = {
     "linear_top1": "Δ linear",
     "knn_top1": "Δ kNN",
-    "det_AP50": "Δ AP50",
-    "det_AP": "Δ AP",
+    "det_voc07_AP50": "Δ VOC07 AP50",
+    "det_voc07_AP": "Δ VOC07 AP",
+    "det_voc07_AP75": "Δ VOC07 AP75",
+    "det_coco_AP": "Δ COCO AP",
+    "det_coco_AP50": "Δ COCO AP50",
+    "det_coco_AP75": "Δ COCO AP75",
 }
 #: MLflow metric name (tracking contract) -> column of the collected frame
 MLFLOW_METRICS: dict[str, str] = {
@@ -74,14 +83,16 @@ MLFLOW_METRICS: dict[str, str] = {
     "linear/top5": "linear_top5",
     "knn/top1": "knn_top1",
     "knn/top5": "knn_top5",
-    "det/AP": "det_AP",
-    "det/AP50": "det_AP50",
-    "det/AP75": "det_AP75",
-    "det/VOC07_AP50": "det_VOC07_AP50",
+    "det/voc07_AP50": "det_voc07_AP50",
+    "det/voc07_AP": "det_voc07_AP",
+    "det/voc07_AP75": "det_voc07_AP75",
+    "det/coco_AP": "det_coco_AP",
+    "det/coco_AP50": "det_coco_AP50",
+    "det/coco_AP75": "det_coco_AP75",
 }
 #: protocol keys left out of summaries: they vary between runs of one protocol or repeat the stage
 PROTOCOL_SKIP = frozenset({"kind", "train_seconds", "metrics"})
-AGGREGATE_RUN_NAME = "aggregate"
+AGGREGATE_RUN_NAME = AGGREGATE_STAGE
 
 
 class ResultsError(ValueError):
@@ -102,26 +113,16 @@ def load_pipeline_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def _pipeline(pipeline_cfg: Mapping, source: str = "pipeline config"):
+    from ftcl import pipeline
+
+    return pipeline.load(pipeline_cfg, resolve_runs=False, source=source)
+
+
 def ablation_rows(pipeline_cfg: Mapping, source: str = "pipeline config") -> list[dict[str, Any]]:
-    """The ``ablations`` rows, checked: each a mapping with a unique ``name``."""
-    if not isinstance(pipeline_cfg.get("experiment"), str) or not pipeline_cfg["experiment"]:
-        raise ConfigError(f"{source}: key 'experiment' must name the experiment (a non-empty string)")
-    rows = pipeline_cfg.get("ablations")
-    if not isinstance(rows, list) or not rows:
-        raise ConfigError(f"{source}: key 'ablations' must be a non-empty list of rows {{name, overrides}}")
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping) or not isinstance(row.get("name"), str) or not row["name"]:
-            raise ConfigError(f"{source}: ablations[{i}] must be a mapping with a non-empty 'name'")
-        if row["name"] in seen:
-            raise ConfigError(f"{source}: ablation row name {row['name']!r} is used twice")
-        seen.add(row["name"])
-    for row in rows:
-        ref = row.get("compare_to")
-        if ref is not None and (ref not in seen or ref == row["name"]):
-            raise ConfigError(f"{source}: ablation row {row['name']!r}: compare_to {ref!r} must name another row "
-                              f"(rows: {', '.join(sorted(seen - {row['name']}))})")
-    return [dict(row) for row in rows]
+    """The rows of the pipeline config, grids expanded, checked by :mod:`ftcl.pipeline`."""
+    return [{"name": r.name, "baseline": r.baseline, "compare_to": r.compare_to, "description": r.description,
+             "published": r.published, "group": r.group} for r in _pipeline(pipeline_cfg, source).rows]
 
 
 def reference_rows(pipeline_cfg: Mapping) -> dict[str, str]:
@@ -130,12 +131,8 @@ def reference_rows(pipeline_cfg: Mapping) -> dict[str, str]:
 
 
 def baseline_row(pipeline_cfg: Mapping) -> str:
-    """The row marked ``baseline: true``, else the first row."""
-    rows = ablation_rows(pipeline_cfg)
-    marked = [row["name"] for row in rows if row.get("baseline")]
-    if len(marked) > 1:
-        raise ConfigError(f"pipeline config: only one row may be the baseline, got {', '.join(marked)}")
-    return marked[0] if marked else rows[0]["name"]
+    """The row marked ``baseline: true`` (exactly one, :func:`ftcl.pipeline.check_baseline`)."""
+    return _pipeline(pipeline_cfg).baseline
 
 
 def seeds_of(pipeline_cfg: Mapping) -> list[Any]:
@@ -145,7 +142,7 @@ def seeds_of(pipeline_cfg: Mapping) -> list[Any]:
 
 def experiment_dir(pipeline_cfg: Mapping, results_dir: str | Path | None = None) -> Path:
     """``<results_dir>/<experiment>``; ``results_dir`` defaults to the config's (``results``)."""
-    return Path(results_dir or pipeline_cfg.get("results_dir") or "results") / pipeline_cfg["experiment"]
+    return Path(results_dir or pipeline_cfg.get("results_dir") or RESULTS_DIR) / pipeline_cfg["experiment"]
 
 
 # --------------------------------------------------------------------------- collecting
@@ -162,7 +159,7 @@ def collect(
     ``allow_missing`` (then it is skipped with a warning).
     """
     exp_dir = experiment_dir(pipeline_cfg, results_dir)
-    stages = pipeline_cfg.get("stages") or list(STAGE_RESULTS)
+    stages = pipeline_cfg.get("stages") or ["pretrain", *STAGE_RESULTS]
     records, missing = [], []
     for row in ablation_rows(pipeline_cfg):
         row_dir = exp_dir / row["name"]
@@ -191,11 +188,14 @@ def _read_run(row: str, seed: Any, seed_dir: Path, stages: Iterable[str]) -> dic
     protocols = []
     for stage, (folder, filename, columns) in STAGE_RESULTS.items():
         path = seed_dir / folder / filename
-        result = _read_json(path) if path.is_file() else None
+        result = _read_json(path) if stage in stages and path.is_file() else None
         if result is None and stage in stages:
             log.warning("no %s result for row %r seed %s (%s missing)", stage, row, seed, path)
+        primary = ((result or {}).get("protocol") or {}).get("primary")
         for key, column in columns.items():
             value = (result or {}).get(key)
+            if primary is not None and not key.startswith(primary + "_"):
+                value = None  # a detection result counts in its own dataset's metric family only
             record[column] = float(value) if isinstance(value, int | float) else math.nan
         if result and result.get("protocol"):
             protocols.append(f"{stage}: {protocol_summary(result['protocol'])}")
@@ -284,7 +284,7 @@ def ablation_table(
 def paper_table(df: pd.DataFrame, pipeline_cfg: Mapping) -> pd.DataFrame:
     """Rows with ``published`` numbers: one line per row x published metric.
 
-    Columns ``row``, ``metric`` (the published key, e.g. ``linear_top1``, ``det_AP50``), ``ours_mean``,
+    Columns ``row``, ``metric`` (the published key, e.g. ``linear_top1``, ``det_voc07_AP50``), ``ours_mean``,
     ``ours_std``, ``n_seeds`` (seeds with a value), ``published`` and ``difference`` (ours_mean minus
     published). A published key with no matching result column gives NaN for ours.
     """
@@ -551,7 +551,7 @@ def pipeline_tracking_uri(pipeline_cfg: Mapping, results_dir: str | Path | None 
     from ftcl.tracking import tracking_uri
 
     uri = (pipeline_cfg.get("tracking") or {}).get("uri")
-    return tracking_uri(uri, Path(results_dir or pipeline_cfg.get("results_dir") or "results"))
+    return tracking_uri(uri, Path(results_dir or pipeline_cfg.get("results_dir") or RESULTS_DIR))
 
 
 def log_aggregate_run(
@@ -572,14 +572,14 @@ def log_aggregate_run(
     root = (pipeline_cfg.get("tracking") or {}).get("artifact_root")
     experiment_id = get_or_create_experiment(client, experiment, artifact_root(root, uri, experiment))
     previous = client.search_runs(
-        [experiment_id], filter_string=f"tags.`ftcl.stage` = '{AGGREGATE_RUN_NAME}'", max_results=1000
+        [experiment_id], filter_string=f"tags.`{TAG_STAGE}` = '{AGGREGATE_RUN_NAME}'", max_results=1000
     )
     rows = [row["name"] for row in ablation_rows(pipeline_cfg)]
     run = client.create_run(
         experiment_id,
         run_name=AGGREGATE_RUN_NAME,
         tags={
-            "ftcl.stage": AGGREGATE_RUN_NAME,
+            TAG_STAGE: AGGREGATE_RUN_NAME,
             "ftcl.git_commit": git_commit(),
             "mlflow.note.content": f"Ablation tables, plots and report.html of {experiment}: rows "
             + ", ".join(rows),
@@ -645,7 +645,7 @@ def frame_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
     """The :func:`collect` frame rebuilt from the MLflow store alone.
 
     Every active run tagged ``ftcl.row`` and ``ftcl.seed`` contributes its metrics (latest value of
-    ``linear/top1``, ``knn/top1``, ``det/AP50``, ``det/AP``, ...). Where several runs of one row and
+    ``linear/top1``, ``knn/top1``, ``det/voc07_AP50``, ``det/voc07_AP``, ...). Where several runs of one row and
     seed hold a metric, a finished run wins over an unfinished one, then the newest. Rows come in
     the order of their first run; ``protocol`` and ``run_dir`` are empty.
     """
@@ -663,9 +663,9 @@ def frame_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
         page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
         for run in page:
             tags = run.data.tags
-            if "ftcl.row" not in tags or "ftcl.seed" not in tags:
+            if TAG_ROW not in tags or TAG_SEED not in tags:
                 continue
-            key = {"row": tags["ftcl.row"], "seed": _seed(tags["ftcl.seed"]),
+            key = {"row": tags[TAG_ROW], "seed": _seed(tags[TAG_SEED]),
                    "finished": run.info.status == "FINISHED", "start": run.info.start_time or 0}
             values.append({**key, "column": None, "value": math.nan})  # the row x seed exists
             values += [{**key, "column": MLFLOW_METRICS[name], "value": float(value)}
@@ -724,7 +724,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     experiment = args.experiment or cfg.get("experiment")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:  # as pipeline_tracking_uri, without creating the results folder
-        results = Path(cfg.get("results_dir") or "results").resolve()
+        results = Path(cfg.get("results_dir") or RESULTS_DIR).resolve()
         uri = (cfg.get("tracking") or {}).get("uri") or f"sqlite:///{results / 'mlflow.db'}"
     db = _sqlite_path(uri)
     if db is not None and not db.is_file():
@@ -774,7 +774,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "table",
         help="print the ablation table from the MLflow store",
         description="Print the ablation table of an experiment from the MLflow store alone (runs tagged "
-        "ftcl.row and ftcl.seed, metrics linear/top1, knn/top1, det/AP50, det/AP), without reading "
+        "ftcl.row and ftcl.seed, metrics linear/top1, knn/top1, det/voc07_AP50, det/voc07_AP, ...), without reading "
         "the results folders.",
     )
     tab.add_argument("--experiment", default=None,

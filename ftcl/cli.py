@@ -18,7 +18,8 @@ from pathlib import Path
 # so light commands (``ftcl submit`` waiting on a job) start without importing torch.
 COMMAND_MODULES = {
     "ftcl.launch": ("submit",),
-    "ftcl.detect": ("detect",),
+    "ftcl.runfolders": ("stage",),
+    "ftcl.detection.stage": ("detect",),
     "ftcl.aggregate": ("aggregate", "table"),
     "ftcl.ui": ("ui",),
 }

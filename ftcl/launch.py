@@ -478,43 +478,54 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_submit_options(p)
+    p.add_argument("--stage", default=None,
+                   help="stage name: selects launcher.stages.STAGE settings and names the job "
+                   "(default: the sub-command)")
+    p.add_argument("job_argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the ftcl sub-command to run and its arguments")
+    p.set_defaults(func=cmd_submit)
+
+
+def add_submit_options(p: argparse.ArgumentParser) -> None:
+    """The launcher options of ``ftcl submit`` (also taken by ``ftcl stage``)."""
     p.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help="local: a process on this machine (default); debug: in this process; "
                    "slurm: a SLURM job (default: launcher.name of --launcher-config, else local)")
     p.add_argument("--launcher-config", type=Path, metavar="FILE",
                    help="pipeline config (or its launcher: section) holding the launcher settings")
-    p.add_argument("--stage", default=None,
-                   help="stage name: selects launcher.stages.STAGE settings and names the job "
-                   "(default: the sub-command)")
     p.add_argument("--job-dir", type=Path, required=True, metavar="DIR",
                    help="folder for the job's submission files and stdout/stderr logs (%%j = job id)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="one launcher setting, overriding --launcher-config (repeatable; see below)")
     p.add_argument("--log", type=Path, metavar="FILE",
                    help="append the job's streamed log lines to FILE instead of printing them")
-    p.add_argument("job_argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                   help="the ftcl sub-command to run and its arguments")
-    p.set_defaults(func=cmd_submit)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    command = list(args.job_argv)
-    if command[:1] == ["--"]:
-        command = command[1:]
+def run_submitted(command: Sequence[str], args: argparse.Namespace, stage: str | None = None) -> int:
+    """Submit ``ftcl COMMAND`` with the launcher options in ``args`` (:func:`add_submit_options`),
+    stream its logs, wait; the exit status of ``ftcl submit``."""
     if not command:
         raise ConfigError("ftcl submit needs the sub-command to run after --, e.g. -- pretrain --config F --out D")
     section = launcher_section(args.launcher_config) if args.launcher_config else {}
     launcher = args.launcher or section.get("name") or "local"
     if launcher not in LAUNCHERS:
         raise ConfigError(f"{args.launcher_config}: launcher.name {launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    stage = args.stage or command[0]
+    stage = stage or command[0]
     settings = stage_settings(section, launcher, stage)
     settings = check_settings(launcher, deep_merge(settings, parse_options(args.option)), "--option")
     if launcher == "slurm":
         settings.setdefault("name", f"ftcl-{stage}")
-    job = submit(command, launcher, args.job_dir, settings)
+    job = submit(list(command), launcher, args.job_dir, settings)
     if args.log is None:
         return wait_or_cancel(job, None, stage)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with args.log.open("a") as log:
         return wait_or_cancel(job, log, stage)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    command = list(args.job_argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return run_submitted(command, args, args.stage)

@@ -16,11 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ftcl.constants import PARENT_STAGE, RESULTS_DIR, RUN_ID_FILE, TAG_ROW, TAG_SEED, TAG_STAGE
 from ftcl.errors import TrackingError
 
 __all__ = ["TrackingError", "Tracker"]
-RUN_ID_FILE = ".mlflow_run_id"
-DEFAULT_RESULTS = "results"
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -47,7 +46,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {status}")
 
 
-def tracking_uri(uri: str | None, results_dir: str | Path = DEFAULT_RESULTS) -> str:
+def tracking_uri(uri: str | None, results_dir: str | Path = RESULTS_DIR) -> str:
     """``uri`` as given, or the project's sqlite store under ``results_dir`` (absolute path)."""
     if uri:
         return uri
@@ -117,19 +116,34 @@ def get_or_create_experiment(client, name: str, artifact_location: str | None) -
         return exp.experiment_id
 
 
+def create_experiment(store: Mapping[str, Any], experiment: str, marker: str | Path) -> None:
+    """Create the MLflow store and ``experiment`` before any stage job starts (stage jobs that start
+    together would otherwise race to create a new sqlite store); write what was created to ``marker``.
+    ``store``: ``{"enabled", "uri", "artifact_root"}`` of the run configs' tracking section."""
+    marker = Path(marker)
+    if not store["enabled"]:
+        marker.write_text("tracking disabled\n")
+        return
+    uri = tracking_uri(store["uri"])
+    client = _client(uri)
+    experiment_id = get_or_create_experiment(client, experiment, artifact_root(store["artifact_root"], uri, experiment))
+    marker.write_text(f"{uri}\nexperiment {experiment} (id {experiment_id})\n")
+
+
 def parent_run_name(row: str, seed: int | str) -> str:
     return f"{row} · seed {seed}"
 
 
 def ensure_parent_run(client, experiment_id: str, row: str, seed: int | str, tags: Mapping[str, Any] = ()) -> str:
     """The id of the parent run of ``row`` x ``seed``, created when it does not exist yet."""
-    query = f"tags.`ftcl.row` = '{row}' and tags.`ftcl.seed` = '{seed}' and tags.`ftcl.stage` = 'parent'"
+    query = (f"tags.`{TAG_ROW}` = '{row}' and tags.`{TAG_SEED}` = '{seed}' and "
+             f"tags.`{TAG_STAGE}` = '{PARENT_STAGE}'")
     found = _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1,
                    order_by=["attributes.start_time ASC"])
     if found:
         return found[0].info.run_id
     run = _retry(client.create_run, experiment_id, run_name=parent_run_name(row, seed),
-                 tags={"ftcl.row": str(row), "ftcl.seed": str(seed), "ftcl.stage": "parent",
+                 tags={TAG_ROW: str(row), TAG_SEED: str(seed), TAG_STAGE: PARENT_STAGE,
                        **{k: str(v) for k, v in dict(tags).items()}})
     return run.info.run_id
 
@@ -206,28 +220,28 @@ class Tracker:
         tcfg, tags = self.cfg["tracking"], dict(self.cfg["tracking"]["tags"])
         id_file = self.out_dir / RUN_ID_FILE
         system_tags = {
-            "ftcl.stage": self.stage, "ftcl.git_commit": git_commit(),
+            TAG_STAGE: self.stage, "ftcl.git_commit": git_commit(),
             "ftcl.launcher": os.environ.get("FTCL_LAUNCHER", "direct"),
             "ftcl.out_dir": str(self.out_dir.resolve()),
         }
         if os.environ.get("SLURM_JOB_ID"):
             system_tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
-        for key in ("row", "seed"):
+        for key, tag in (("row", TAG_ROW), ("seed", TAG_SEED)):
             if key in tags:
-                system_tags[f"ftcl.{key}"] = str(tags.pop(key))
+                system_tags[tag] = str(tags.pop(key))
         lead = tags.pop("description", None)  # text for the parent run's description, not a tag
         if id_file.is_file():  # a restarted stage continues its run
             run_id = id_file.read_text().strip()
             _retry(self.client.update_run, run_id, status="RUNNING")
             self._set_tags(run_id, system_tags)
             parent = _retry(self.client.get_run, run_id).data.tags.get("mlflow.parentRunId")
-            if parent and _retry(self.client.get_run, parent).data.tags.get("ftcl.stage") == "parent":
+            if parent and _retry(self.client.get_run, parent).data.tags.get(TAG_STAGE) == PARENT_STAGE:
                 self.parent_run_id = parent  # a row x seed parent run, kept by the stages (not one given)
                 self._parent_running()
             return run_id
         parent = tcfg["parent_run_id"]
-        if parent is None and "ftcl.row" in system_tags and "ftcl.seed" in system_tags:
-            row, seed = system_tags["ftcl.row"], system_tags["ftcl.seed"]
+        if parent is None and TAG_ROW in system_tags and TAG_SEED in system_tags:
+            row, seed = system_tags[TAG_ROW], system_tags[TAG_SEED]
             parent = ensure_parent_run(self.client, exp_id, row, seed, {
                 "ftcl.git_commit": system_tags["ftcl.git_commit"], "ftcl.launcher": system_tags["ftcl.launcher"],
                 "mlflow.note.content": run_description(self.cfg, row, seed, lead)})
@@ -310,6 +324,6 @@ class Tracker:
 def _results_dir(out_dir: Path) -> Path:
     """The ``results`` folder above ``out_dir`` when there is one, else ``./results``."""
     for parent in [out_dir.resolve(), *out_dir.resolve().parents]:
-        if parent.name == DEFAULT_RESULTS:
+        if parent.name == RESULTS_DIR:
             return parent
-    return Path(DEFAULT_RESULTS)
+    return Path(RESULTS_DIR)

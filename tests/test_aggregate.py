@@ -25,7 +25,7 @@ from ftcl.plots import make_plots
 
 EXPERIMENT = "agg-test"
 ROWS = ["moco_v2", "+ft"]
-# row -> seed -> (linear top1, knn top1, detection AP50, detection AP); +ft has no detection
+# row -> seed -> (linear top1, knn top1, detection VOC07 AP50, detection VOC07 AP); +ft has no detection
 RESULTS = {
     "moco_v2": {0: (70.0, 65.0, 80.0, 50.0), 1: (72.0, 66.0, 82.0, 52.0)},
     "+ft": {0: (68.0, 61.0, None, None), 1: (69.0, 64.0, None, None)},
@@ -39,12 +39,12 @@ def pipeline_config(tmp_path: Path, **extra) -> dict:
         "results_dir": str(tmp_path / "results"),
         "ablations": [
             {"name": "moco_v2", "baseline": True, "description": "plain MoCo v2", "overrides": {},
-             "published": {"linear_top1": 67.5, "det_AP50": 82.4}},
+             "published": {"linear_top1": 67.5, "det_voc07_AP50": 82.4}},
             {"name": "+ft", "description": "positive extrapolation and negative interpolation",
              "overrides": {"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"}},
         ],
         "seeds": [0, 1],
-        "stages": ["pretrain", "linear", "knn"],
+        "stages": ["pretrain", "linear", "knn", "detection"],
         **extra,
     }
 
@@ -91,7 +91,7 @@ def make_run_folders(tmp_path: Path) -> Path:
                          "checkpoint": "x.pt"})
             if ap50 is not None:
                 _write_json(run / "detection" / "detection.json",
-                            {"AP": ap, "AP50": ap50, "AP75": ap - 5, "VOC07_AP50": ap50 - 1,
+                            {"voc07_AP": ap, "voc07_AP50": ap50, "voc07_AP75": ap - 5, "coco_AP50": ap50 - 1,
                              "protocol": {"iterations": 200}})
     return exp_dir
 
@@ -108,13 +108,25 @@ def cli(argv: list[str]) -> int:
     return args.func(args)
 
 
+def test_only_requested_stages_and_the_datasets_own_metric_family_are_read(runs):
+    cfg, exp_dir = runs
+    frame = collect({**cfg, "stages": ["pretrain", "linear", "knn"]})
+    assert frame["det_voc07_AP50"].isna().all()  # detection is not a requested stage
+    result = exp_dir / "moco_v2" / "seed0" / "detection" / "detection.json"
+    data = json.loads(result.read_text())
+    result.write_text(json.dumps({**data, "protocol": {"primary": "voc07"}}))
+    frame = collect(cfg)
+    assert frame.loc[0, "det_voc07_AP50"] == data["voc07_AP50"]
+    assert math.isnan(frame.loc[0, "det_coco_AP50"])  # COCO-style AP of a VOC run is not "COCO AP"
+
+
 def test_collect_gives_one_line_per_row_and_seed_with_metrics(runs):
     cfg, _ = runs
     frame = collect(cfg)
     pairs = list(zip(frame["row"], frame["seed"], strict=True))
     assert pairs == [("moco_v2", 0), ("moco_v2", 1), ("+ft", 0), ("+ft", 1)]
     assert frame["linear_top1"].tolist() == [70.0, 72.0, 68.0, 69.0]
-    assert frame.loc[0, "det_VOC07_AP50"] == 79.0
+    assert frame.loc[0, "det_coco_AP50"] == 79.0  # no `primary` in this protocol: every family is read
     assert "linear: epochs=60, lr=30.0, augment=false" in frame.loc[0, "protocol"]
 
 
@@ -122,7 +134,7 @@ def test_ablation_table_means_stds_and_deltas_match_hand_computed_values(runs):
     cfg, _ = runs
     table = ablation_table(collect(cfg), "moco_v2")
     assert table["row"].tolist() == ROWS
-    for metric in ("linear_top1", "knn_top1", "det_AP50", "det_AP"):
+    for metric in ("linear_top1", "knn_top1", "det_voc07_AP50", "det_voc07_AP"):
         for suffix in ("mean", "std", "delta", "n"):
             assert f"{metric}_{suffix}" in table.columns
     assert {"n_seeds", "protocol"} <= set(table.columns)
@@ -134,7 +146,8 @@ def test_ablation_table_means_stds_and_deltas_match_hand_computed_values(runs):
     assert ft["linear_top1_delta"] == pytest.approx(-2.5)
     assert ft["knn_top1_delta"] == pytest.approx(62.5 - 65.5)
     assert base["linear_top1_delta"] == 0.0
-    assert base["det_AP50_mean"] == pytest.approx(81.0) and base["det_AP_std"] == pytest.approx(math.sqrt(2))
+    assert base["det_voc07_AP50_mean"] == pytest.approx(81.0)
+    assert base["det_voc07_AP_std"] == pytest.approx(math.sqrt(2))
     assert table["n_seeds"].tolist() == [2, 2]
 
 
@@ -163,9 +176,10 @@ def test_compare_to_refers_a_rows_deltas_to_another_row(runs, tmp_path):
 def test_missing_detection_leaves_nan_columns(runs):
     cfg, _ = runs
     frame = collect(cfg)
-    assert frame.loc[frame["row"] == "+ft", ["det_AP50", "det_AP", "det_AP75"]].isna().all().all()
+    assert frame.loc[frame["row"] == "+ft", ["det_voc07_AP50", "det_voc07_AP", "det_voc07_AP75"]].isna().all().all()
     ft = ablation_table(frame, "moco_v2").set_index("row").loc["+ft"]
-    assert math.isnan(ft["det_AP50_mean"]) and math.isnan(ft["det_AP_delta"]) and ft["det_AP50_n"] == 0
+    assert math.isnan(ft["det_voc07_AP50_mean"]) and math.isnan(ft["det_voc07_AP_delta"])
+    assert ft["det_voc07_AP50_n"] == 0
 
 
 def test_missing_row_folder_is_an_error_naming_it_unless_allowed(runs, tmp_path):
@@ -181,7 +195,7 @@ def test_missing_row_folder_is_an_error_naming_it_unless_allowed(runs, tmp_path)
 def test_paper_table_compares_with_published_numbers(runs):
     cfg, _ = runs
     paper = paper_table(collect(cfg), cfg)
-    assert paper[["row", "metric"]].values.tolist() == [["moco_v2", "linear_top1"], ["moco_v2", "det_AP50"]]
+    assert paper[["row", "metric"]].values.tolist() == [["moco_v2", "linear_top1"], ["moco_v2", "det_voc07_AP50"]]
     assert paper["ours_mean"].tolist() == pytest.approx([71.0, 81.0])
     assert paper["difference"].tolist() == pytest.approx([3.5, -1.4])
 
@@ -280,15 +294,15 @@ def test_table_command_reads_metrics_back_from_mlflow_runs(tmp_path, capsys, mon
             if values[2] is not None:
                 child = client.create_run(exp_id, run_name="detection",
                                           tags={**tags, "ftcl.stage": "detection"})
-                client.log_metric(child.info.run_id, "det/AP50", values[2])
-                client.log_metric(child.info.run_id, "det/AP", values[3])
+                client.log_metric(child.info.run_id, "det/voc07_AP50", values[2])
+                client.log_metric(child.info.run_id, "det/voc07_AP", values[3])
                 client.set_terminated(child.info.run_id)
 
     frame = aggregate.frame_from_mlflow(uri, "from-mlflow")
     assert frame["row"].tolist() == ["moco_v2", "moco_v2", "+ft", "+ft"]
     assert frame["knn_top1"].tolist() == [65.0, 66.0, 61.0, 64.0]
-    assert frame["det_AP"].tolist()[:2] == [50.0, 52.0]
-    assert frame.loc[frame["row"] == "+ft", "det_AP50"].isna().all()
+    assert frame["det_voc07_AP"].tolist()[:2] == [50.0, 52.0]
+    assert frame.loc[frame["row"] == "+ft", "det_voc07_AP50"].isna().all()
 
     assert cli(["table", "--experiment", "from-mlflow", "--tracking-uri", uri, "--configfile",
                 _dump(pipeline_config(tmp_path), tmp_path)]) == 0

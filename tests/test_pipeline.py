@@ -78,12 +78,14 @@ def test_the_tiny_dag_runs_end_to_end_in_under_3_minutes(tiny_run):
     for ext in ("md", "tex"):
         assert "+ft" in (tiny_run.exp_dir / "tables" / f"ablation.{ext}").read_text()
     for row in ("moco_v2", "+ft"):
-        run_config = yaml.safe_load((tiny_run.exp_dir / row / "seed0" / "config.yaml").read_text())
-        tags = run_config["tracking"]["tags"]
-        assert run_config["seed"] == 0 and tags["row"] == row and tags["seed"] == 0
-        assert "row overrides:" in tags["description"]
-    assert yaml.safe_load((tiny_run.exp_dir / "+ft" / "seed0" / "config.yaml").read_text())["ft"]["positive"][
-        "mode"] == "extrapolate"
+        for stage in TINY["stages"]:
+            run_config = yaml.safe_load((tiny_run.exp_dir / row / "seed0" / "configs" / f"{stage}.yaml").read_text())
+            tags = run_config["tracking"]["tags"]
+            assert run_config["seed"] == 0 and tags["row"] == row and tags["seed"] == 0
+            assert "row overrides:" in tags["description"]
+            assert (tiny_run.exp_dir / row / "seed0" / f"{stage}.done").is_file()
+    assert yaml.safe_load((tiny_run.exp_dir / "+ft" / "seed0" / "pretrain" / "config.yaml").read_text())["ft"][
+        "positive"]["mode"] == "extrapolate"
 
 
 def test_mlflow_holds_each_row_and_stage_with_metrics_and_score_distributions(tiny_run):
@@ -120,19 +122,67 @@ def test_an_unchanged_pipeline_or_new_launcher_settings_rerun_nothing(tiny_run):
     assert planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, cfg, "launcher.yaml"), "-n")) == []
 
 
-def test_editing_one_row_reruns_only_that_row_and_adding_one_runs_only_it(tiny_run):
-    assert tiny_run.proc.returncode == 0
-    edited = copy.deepcopy(TINY)
-    edited["ablations"][1]["overrides"]["ft.positive.alpha"] = 3.0
-    jobs = planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, edited, "edited.yaml"), "-n"))
-    assert {row for _, row in jobs} == {"+ft", None}
-    assert {rule for rule, row in jobs if row == "+ft"} == {"run_config", "pretrain", "linear", "knn"}
-    assert {rule for rule, row in jobs if row is None} <= {"pipeline_config", "aggregate", "all"}
+def _edited(tiny_run, name: str, edit) -> set[tuple[str, str | None]]:
+    """The (rule, row) pairs a dry run plans after ``edit(config)``, without the bookkeeping rules
+    (``pipeline_config`` rewrites the aggregation's copy of the config, ``all`` is the target)."""
+    cfg = copy.deepcopy(TINY)
+    edit(cfg)
+    jobs = planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, cfg, name), "-n"))
+    return {(rule, row) for rule, row in jobs if rule not in ("pipeline_config", "all")}
 
-    added = copy.deepcopy(TINY)
-    added["ablations"].append({"name": "+pos_extrapolation", "overrides": {"ft.positive.mode": "extrapolate"}})
-    jobs = planned_jobs(snakemake(tiny_run.work, write_config(tiny_run.work, added, "added.yaml"), "-n"))
+
+ROWS = [row["name"] for row in TINY["ablations"]]
+
+
+def _set(*path_value):
+    *path, value = path_value
+
+    def edit(cfg):
+        node = cfg
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "planned"), [
+    (_set("defaults", "eval", "knn", "k", 10), {("knn", r) for r in ROWS} | {("aggregate", None)}),
+    (_set("defaults", "eval", "linear", "epochs", 4), {("linear", r) for r in ROWS} | {("aggregate", None)}),
+    (_set("defaults", "detection", "iterations", 5), {("detection", r) for r in ROWS} | {("aggregate", None)}),
+    # a new store: the experiment is created there and the aggregate run (tables, plots) logged to it;
+    # the finished stages' runs stay in the old store (their results do not change)
+    (_set("tracking", "uri", "sqlite:///other.db"), {("mlflow_experiment", None), ("aggregate", None)}),
+    (_set("defaults", "log_every", 3), set()),
+    (_set("defaults", "optim", "compile", True), set()),
+    (_set("launcher", "local", "timeout_min", 60), set()),
+], ids=["eval.knn.k", "eval.linear.epochs", "detection.iterations", "tracking.uri", "log_every", "optim.compile",
+        "launcher"])
+def test_an_edit_reruns_exactly_the_stages_that_read_the_key(tiny_run, edit, planned):
+    assert tiny_run.proc.returncode == 0
+    assert _edited(tiny_run, "edit.yaml", edit) == planned
+
+
+def test_editing_one_row_reruns_only_that_row_and_a_new_seed_or_row_only_itself(tiny_run):
+    assert tiny_run.proc.returncode == 0
+    jobs = _edited(tiny_run, "edited.yaml", lambda cfg: cfg["ablations"][1]["overrides"].update(
+        {"ft.positive.alpha": 3.0}))
+    assert jobs == {(stage, "+ft") for stage in TINY["stages"]} | {("aggregate", None)}
+
+    jobs = _edited(tiny_run, "seeds.yaml", lambda cfg: cfg.update(seeds=[0, 1]))
+    assert {rule for rule, _ in jobs} == {*TINY["stages"], "aggregate"}
+    seeds = planned_seeds(snakemake(tiny_run.work, tiny_run.work / "seeds.yaml", "-n"))
+    assert seeds == {1}
+
+    jobs = _edited(tiny_run, "added.yaml", lambda cfg: cfg["ablations"].append(
+        {"name": "+pos_extrapolation", "overrides": {"ft.positive.mode": "extrapolate"}}))
     assert {row for _, row in jobs} == {"+pos_extrapolation", None}
+    assert _edited(tiny_run, "removed.yaml", lambda cfg: cfg["ablations"].pop()) == {("aggregate", None)}
+
+
+def planned_seeds(proc: subprocess.CompletedProcess) -> set[int]:
+    assert proc.returncode == 0, proc.stderr
+    return {int(s) for s in re.findall(r"wildcards: row=\S+, seed=(\d+)", proc.stdout + proc.stderr)}
 
 
 def _unknown_key(cfg, tmp):
@@ -175,9 +225,19 @@ def _unknown_launcher_setting(cfg, tmp):
     return ["launcher.local", "'partition'"]
 
 
+def _experiment_outside_the_results(cfg, tmp):
+    cfg["experiment"] = ".."
+    return ["key 'experiment'", "'..'"]
+
+
+def _bad_grid_key(cfg, tmp):
+    cfg["ablations"].append({"name": "+g", "grid": {"ft.positive.alpah": [1.0, 2.0]}})
+    return ["ablation row '+g[alpah=1]'", "'ft.positive.alpah'"]
+
+
 @pytest.mark.parametrize("breaks", [_unknown_key, _duplicate_name, _missing_dataset_root, _bad_value,
                                     _pipeline_key_in_a_row, _two_baselines, _compare_to_an_unknown_row,
-                                    _unknown_launcher_setting],
+                                    _unknown_launcher_setting, _experiment_outside_the_results, _bad_grid_key],
                          ids=lambda f: f.__name__.strip("_"))
 def test_a_bad_config_fails_before_any_job_naming_the_row_and_key(tmp_path, breaks):
     cfg = copy.deepcopy(TINY)
@@ -187,6 +247,7 @@ def test_a_bad_config_fails_before_any_job_naming_the_row_and_key(tmp_path, brea
     for text in expected:
         assert text in proc.stderr, proc.stderr
     assert not (tmp_path / "results").exists()  # nothing was written, no job was submitted
+    assert not (tmp_path / "pipeline.yaml").exists() and not (tmp_path / "a").exists()  # nor above results/
 
 
 def test_the_lint_is_clean(tmp_path):
@@ -205,9 +266,40 @@ def test_every_shipped_config_plans_each_row_and_seed(tmp_path, name):
     (tmp_path / "data").mkdir()
     if data.get("class_list"):
         data["class_list"] = str(REPO / data["class_list"])
+    detection = cfg["defaults"].get("detection") or {}
+    if detection.get("root"):
+        detection["root"] = str(tmp_path / "voc")  # stands in for the user's VOCdevkit folder
+        (tmp_path / "voc").mkdir()
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, cfg), "-n"))
     rows = [row["name"] for row in cfg["ablations"]]
-    assert sum(1 for rule, _ in jobs if rule == "pretrain") == len(rows) * len(cfg["seeds"])
+    for stage in cfg["stages"]:
+        assert sum(1 for rule, _ in jobs if rule == stage) == len(rows) * len(cfg["seeds"]), stage
     assert {row for _, row in jobs if row} == set(rows)
     assert sum(1 for row in cfg["ablations"] if row.get("baseline")) == 1
     assert ("aggregate", None) in jobs
+
+
+# Last in the file: it changes the shared finished pipeline of `tiny_run`.
+def test_a_changed_pretraining_key_moves_the_finished_folders_aside_and_deletes_nothing(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    assert tiny_run.proc.returncode == 0
+    run_dir = tiny_run.exp_dir / "+ft" / "seed0"
+    before = {p.relative_to(run_dir / "pretrain") for p in (run_dir / "pretrain").rglob("*") if p.is_file()}
+    old_run_id = (run_dir / "pretrain" / ".mlflow_run_id").read_text()
+    cfg = copy.deepcopy(TINY)
+    cfg["ablations"][1]["overrides"]["ft.positive.alpha"] = 3.0
+    proc = snakemake(tiny_run.work, write_config(tiny_run.work, cfg, "changed.yaml"), "-c2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = sorted((run_dir / ".superseded").iterdir())
+    assert {p.name.split("-")[0] for p in moved} == set(TINY["stages"])
+    old_pretrain = next(p for p in moved if p.name.startswith("pretrain-"))
+    assert {p.relative_to(old_pretrain) for p in old_pretrain.rglob("*") if p.is_file()} >= before
+    assert (old_pretrain / "checkpoints" / "last.pt").stat().st_size > 0 and (old_pretrain / "pretrain.json").is_file()
+    log = (tiny_run.exp_dir / "logs" / "pretrain" / "+ft" / "seed0.log").read_text()
+    assert "ft.positive.alpha (2.0 -> 3.0)" in log and str(old_pretrain) in log
+    assert yaml.safe_load((run_dir / "pretrain" / "config.yaml").read_text())["ft"]["positive"]["alpha"] == 3.0
+    assert not (tiny_run.exp_dir / "moco_v2" / "seed0" / ".superseded").exists()  # the other row is untouched
+    client = MlflowClient(f"sqlite:///{tiny_run.work / 'results' / 'mlflow.db'}")
+    assert "ftcl.superseded" in client.get_run(old_run_id).data.tags
+    assert client.get_run(old_run_id).info.lifecycle_stage == "active"  # tagged, never deleted

@@ -1,5 +1,6 @@
 # Aggregation on the submit host: the ablation table (CSV, Markdown, LaTeX), the paper comparison,
-# plots and report.html under results/<experiment>/, logged to MLflow as an `aggregate` run.
+# plots and report.html under results/<experiment>/, logged to MLflow as an `aggregate` run. It
+# reruns when any stage result or the pipeline config (launcher settings aside) changed.
 
 AGGREGATE_OUTPUTS = multiext(f"{EXP_DIR}/tables/ablation", ".csv", ".md", ".tex")
 
@@ -8,8 +9,8 @@ rule pipeline_config:
     output:
         PIPELINE_CONFIG,
     params:
-        sha256=digest(pipeline_config_text()),
-        text=Unrecorded(pipeline_config_text()),
+        digest=pipeline.digest(PIPE.aggregation_text()),
+        text=Unrecorded(PIPE.aggregation_text()),
     log:
         f"{EXP_DIR}/logs/pipeline_config.log",
     conda:

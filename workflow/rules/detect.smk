@@ -1,23 +1,26 @@
-# Detection transfer (Faster R-CNN fine-tuned from the pretrained backbone). Requested only when
-# `detection` is in the config's `stages`; its settings are the run config's `detection.*` keys.
+# Detection transfer (Faster R-CNN fine-tuned from the pretrained backbone), through `ftcl stage`.
+# Requested only when `detection` is in the config's `stages`; reruns when detection.* (or data,
+# seed) or its pretraining changed.
 
 
 rule detection:
     input:
-        config=RUN_CONFIG,
-        pretrain=stage_result("pretrain"),
+        mlflow=ancient(MLFLOW_EXPERIMENT),
+        pretrain=stage_done("pretrain"),
     output:
-        stage_result("detection"),
+        stage_done("detection"),
     log:
         f"{EXP_DIR}/logs/detection/{{row}}/seed{{seed}}.log",
     params:
-        submit=SUBMIT["detection"],
-        checkpoint=lambda wildcards, input: os.path.dirname(input.pretrain),
-        out=lambda wildcards, output: os.path.dirname(output[0]),
+        # recorded: the rerun trigger, the digest of the run-config keys this stage reads
+        digest=lambda wildcards: PIPE.stage_digest(wildcards.row, int(wildcards.seed), "detection"),
+        config=lambda wildcards: Unrecorded(PIPE.run_config_text(wildcards.row, int(wildcards.seed))),
+        ftcl_stage=FTCL_STAGE["detection"],
+        run_dir=lambda wildcards, output: os.path.dirname(output[0]),
         job_dir=f"{EXP_DIR}/logs/submitit/detection/{{row}}/seed{{seed}}",
     conda:
         "../envs/ftcl.yaml"
     threads: THREADS["detection"]
     shell:
-        "{params.submit} --job-dir {params.job_dir:q} --log {log:q}"
-        " -- detect --config {input.config:q} --checkpoint {params.checkpoint:q} --out {params.out:q}"
+        "{params.ftcl_stage} --run-dir {params.run_dir:q} --config-text {params.config:q}"
+        " --job-dir {params.job_dir:q} --log {log:q}"
