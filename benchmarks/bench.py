@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated variants to time (moco is always kept)")
     parser.add_argument("--sections", default="methods,loading,orchestration",
                         help="comma-separated: methods, loading, orchestration, demo (demo runs the whole "
-                             "demo DAG, ~15 min)")
+                             "demo DAG, ~15 min), jpeg (per-worker images/s of the imagefolder JPEG data path vs "
+                             "a plain torchvision pipeline, benchmarks/jpeg.py, ~2 min)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if "methods" in sections:
@@ -129,6 +130,10 @@ def main() -> None:
         r = demo_dag()
         print(f"\n# demo DAG: snakemake -c2 on config/config.yaml ({r['rows_x_seeds']} rows x seeds): "
               f"{r['seconds']:.0f} s\n{r['table']}")
+    if "jpeg" in sections:
+        from jpeg import jpeg_section
+
+        jpeg_section()
 
 
 def bench_methods_section(args: argparse.Namespace) -> None:

@@ -9,7 +9,10 @@
   (``crops_on_device = True``), so an item is ``C x S x S`` in every mode;
 * ``imagefolder`` decodes and crops files per item in the loader workers (``crops_on_device =
   False``): mode ``pretrain`` gives two RandomResizedCrops (``2 x C x S x S``), ``eval`` gives
-  Resize(S*8/7) + CenterCrop(S), ``eval_aug`` gives RandomResizedCrop(S) + horizontal flip.
+  Resize(S*8/7) + CenterCrop(S), ``eval_aug`` gives RandomResizedCrop(S, crop_scale) + horizontal flip.
+  ``data.decode`` says how the random crops are decoded and resampled (``fast``, the default: one
+  decode per file, JPEG DCT scaling when the crops allow it, torch resampling; ``pil``: torchvision's
+  transforms on PIL images); the crop boxes are drawn identically either way (``ftcl/data/jpeg.py``).
 
 ``mean``/``std`` are those of the whole training split at the view size (both splits use them;
 ``imagefolder`` uses ImageNet's). ``data.train_subset`` / ``data.test_subset`` keep a
@@ -37,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from ftcl.errors import CorruptImageError
+from ftcl.data.jpeg import DECODE_ERRORS, DEFAULT_DECODE, FastCrops, cannot_decode, check_decode
 from ftcl.registry import Registry
 
 SPLITS = ("train", "test")
@@ -114,7 +117,9 @@ class TensorImageSet(ImageSet):
 
 class FolderImageSet(ImageSet):
     """An :class:`ImageSet` of image files decoded and cropped per item in the loader workers
-    (PIL, converted to RGB), so ``crops_on_device`` is False in every mode."""
+    (converted to RGB), so ``crops_on_device`` is False in every mode. ``transform`` makes an item
+    from a file's decoded PIL image (the reference path); ``reader`` instead makes it from the
+    file's path (:class:`ftcl.data.jpeg.FastCrops`, which decodes the file itself)."""
 
     def __init__(
         self,
@@ -122,8 +127,11 @@ class FolderImageSet(ImageSet):
         labels: torch.Tensor,
         num_classes: int,
         image_size: int,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        reader: Callable[[Path], torch.Tensor] | None = None,
     ):
+        if (transform is None) == (reader is None):
+            raise ValueError("FolderImageSet needs exactly one of transform and reader")
         super().__init__(
             labels=labels,
             num_classes=num_classes,
@@ -135,9 +143,12 @@ class FolderImageSet(ImageSet):
         )
         self.paths = paths
         self.transform = transform
+        self.reader = reader
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.paths[index])), int(self.labels[index])
+        path = self.paths[index]
+        image = self.reader(path) if self.reader is not None else self.transform(load_rgb(path))
+        return image, int(self.labels[index])
 
 
 def build_dataset(
@@ -150,7 +161,8 @@ def build_dataset(
 
     ``mode`` is "pretrain", "eval" or "eval_aug"; it only changes what ``imagefolder`` items
     look like (in-memory datasets are cropped on the device). ``crop_scale`` is the area range
-    of the two pretraining crops ``imagefolder`` makes in the loader (``augment.crop_scale``).
+    of the RandomResizedCrops ``imagefolder`` makes in the loader: the two pretraining crops
+    (``augment.crop_scale``) or the linear probe's crop in ``eval_aug`` (``eval.linear.crop_scale``).
     ``data_cfg[f"{split}_subset"] = N`` keeps a class-balanced, deterministic subset of N items.
     An unknown dataset name raises ``KeyError`` listing the known ones.
     """
@@ -212,8 +224,8 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptImageError(f"cannot decode image file {path}: {err}; remove or replace it") from err
+    except DECODE_ERRORS as err:
+        raise cannot_decode(path, err) from err  # "cannot decode image file <path>: ..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +401,19 @@ def folder_transform(mode: str, size: int, crop_scale: tuple[float, float]) -> C
         return transforms.Compose(
             [transforms.Resize(round(size * 8 / 7)), transforms.CenterCrop(size), to_tensor]
         )
-    crop = transforms.RandomResizedCrop(size, scale=(0.08, 1.0))
+    crop = transforms.RandomResizedCrop(size, scale=crop_scale)
     return transforms.Compose([crop, transforms.RandomHorizontalFlip(), to_tensor])
+
+
+def folder_reader(mode: str, size: int, crop_scale: tuple[float, float], decode: str) -> dict[str, Callable]:
+    """``{"reader": path -> item}`` (``data.decode: fast``, modes ``pretrain`` and ``eval_aug``) or
+    ``{"transform": PIL image -> item}`` (``decode: pil``, and mode ``eval`` always): the
+    :class:`FolderImageSet` arguments for ``mode``. Both draw the same crop boxes from the torch RNG."""
+    if check_decode(decode) == "fast" and mode == "pretrain":
+        return {"reader": FastCrops(size, crop_scale, views=2)}
+    if decode == "fast" and mode == "eval_aug":
+        return {"reader": FastCrops(size, crop_scale, views=1, flip=True, squeeze=True)}
+    return {"transform": folder_transform(mode, size, crop_scale)}
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -460,10 +483,11 @@ def _imagefolder(
     labels = np.concatenate([np.full(len(files), i, dtype=np.int64) for i, files in enumerate(per_class)])
     keep = balanced_subset(labels, data_cfg.get(f"{split}_subset"))
     size = data_cfg.get("image_size") or 224
+    decode = check_decode(data_cfg.get("decode") or DEFAULT_DECODE)
     return FolderImageSet(
         [paths[i] for i in keep],
         torch.from_numpy(labels[keep]),
         len(classes),
         size,
-        folder_transform(mode, size, crop_scale),
+        **folder_reader(mode, size, crop_scale, decode),
     )
