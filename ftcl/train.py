@@ -195,7 +195,8 @@ class TrainStep:
         layout = batch_layout(cfg, world)
         views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
                          tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
-        method = build_method(cfg, build_backbone(cfg["model"], data.channels), layout.bn_splits).to(device)
+        method = build_method(cfg, build_backbone(cfg["model"], data.channels), layout.bn_splits,
+                              num_classes=getattr(data, "num_classes", None)).to(device)
         channels_last = cfg["optim"]["channels_last"] and device.type == "cuda"
         if channels_last:
             method = method.to(memory_format=torch.channels_last)
@@ -213,16 +214,21 @@ class TrainStep:
         amp = cfg["optim"]["amp"] and device.type == "cuda"
         return cls(method, model, optimizer, views, float(cfg["method"]["momentum"]), amp, channels_last)
 
-    def __call__(self, images: torch.Tensor, epoch: int, lr: float) -> StepOutput:
+    def __call__(self, images: torch.Tensor, epoch: int, lr: float, labels: torch.Tensor | None = None) -> StepOutput:
+        """One step on a uint8 batch; ``labels`` reach the method only when it needs them."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images = images.to(self.device, non_blocking=True)
+        if labels is not None and self.method.needs_labels:
+            labels = labels.to(self.device, non_blocking=True)
+        else:
+            labels = None
         v1, v2 = self.views(images)
         if self.channels_last:
             v1 = v1.contiguous(memory_format=torch.channels_last)
             v2 = v2.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            out = self.model(v1, v2, epoch)
+            out = self.model(v1, v2, epoch, labels)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -314,7 +320,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
 
     scfg = cfg["scores"]
     recorder = (ScoreRecorder.from_config(scfg, iters, cfg["optim"]["epochs"], device, cfg["ft"])
-                if scfg["enabled"] else None)
+                if scfg["enabled"] and cfg["optim"]["epochs"] > 0 else None)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     logger.log_params(layout.params())
     echo(f"[pretrain] {cfg['method']['name']} {cfg['model']['backbone']}(width {cfg['model']['width']}) on "
@@ -331,10 +337,10 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         loss_sum = torch.zeros((), device=device)
         lrs: list[float] = []
         t0 = time.perf_counter()
-        for i, (images, _) in enumerate(loader):
+        for i, (images, labels) in enumerate(loader):
             lr = learning_rate(cfg, epoch, i, iters)
             lrs.append(lr)
-            out = step(images, epoch, lr)
+            out = step(images, epoch, lr, labels)
             loss = out.loss
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), iteration, bad_step)
             loss_sum += loss
@@ -361,6 +367,14 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
             }, ckpt_dir, cfg["checkpoint"]["keep"])
             echo(_progress_line(epoch, cfg["optim"]["epochs"], metrics))
         summary = metrics
+    if main and cfg["optim"]["epochs"] == 0 and state is None:  # no pretraining: keep the seeded initialisation
+        ckpt.save_epoch({
+            "epoch": 0, "iteration": 0, "config": dict(cfg), "in_channels": data.channels,
+            "backbone": method.backbone.state_dict(), "method": method.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+        }, ckpt_dir, cfg["checkpoint"]["keep"])
+        echo(f"[pretrain] optim.epochs is 0: saved the random initialisation (seed {cfg['seed']}) as {ckpt_dir}")
+        summary = {"pretrain/epochs": 0}
     if main:
         summary = _finish(cfg, out_dir, score_dir, summary, logger)
     if world > 1:

@@ -35,16 +35,19 @@ class StepOutput:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``self.backbone`` (the online backbone that is evaluated)."""
+    """Base class. Subclasses set ``self.backbone`` (the online backbone that is evaluated).
+    ``needs_labels``: the loop passes the batch's class labels to ``training_step`` (the supervised
+    reference row); self-supervised methods get ``labels=None``."""
 
     backbone: nn.Module
+    needs_labels = False
 
-    def training_step(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+    def training_step(self, view1: Tensor, view2: Tensor, epoch: int, labels: Tensor | None = None) -> StepOutput:
         raise NotImplementedError
 
-    def forward(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+    def forward(self, view1: Tensor, view2: Tensor, epoch: int, labels: Tensor | None = None) -> StepOutput:
         """``training_step`` through ``__call__``, so DDP's gradient hooks see it."""
-        return self.training_step(view1, view2, epoch)
+        return self.training_step(view1, view2, epoch, labels)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(online, target)`` module pairs the loop updates by EMA after each optimiser step."""
@@ -87,14 +90,20 @@ def resolve_bn_splits(method_cfg: Mapping, world: int = 1) -> int:
     return 1
 
 
-def build_method(cfg: Mapping, backbone: nn.Module, bn_splits: int | None = None) -> Method:
+def build_method(cfg: Mapping, backbone: nn.Module, bn_splits: int | None = None,
+                 num_classes: int | None = None) -> Method:
     """The method named by ``cfg['method']['name']``, built around ``backbone``.
 
-    ``bn_splits``: see :func:`resolve_bn_splits` (None: resolved for one process).
+    ``bn_splits``: see :func:`resolve_bn_splits` (None: resolved for one process); ``num_classes``:
+    the training set's classes, for methods that need labels.
     """
     import ftcl.methods.byol  # noqa: F401  (each registers itself)
     import ftcl.methods.moco  # noqa: F401
     import ftcl.methods.simsiam  # noqa: F401
+    import ftcl.methods.supervised  # noqa: F401
 
     splits = resolve_bn_splits(cfg["method"]) if bn_splits is None else bn_splits
-    return METHODS.get(cfg["method"]["name"])(cfg, backbone, bn_splits=splits)
+    cls = METHODS.get(cfg["method"]["name"])
+    if getattr(cls, "needs_labels", False):
+        return cls(cfg, backbone, bn_splits=splits, num_classes=num_classes)
+    return cls(cfg, backbone, bn_splits=splits)

@@ -123,7 +123,7 @@ class MoCo(Method):
         perm = split_shuffle(view.shape[0], self.bn_splits, view.device)
         return self.encoder_k(view[perm])[torch.argsort(perm)]  # row perm[p] of the output is row p
 
-    def training_step(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+    def training_step(self, view1: Tensor, view2: Tensor, epoch: int, labels: Tensor | None = None) -> StepOutput:
         q = self.encoder_q(view1).float()
         k = self._keys(view2).float()
         q_t, k_t, negatives = self.transform(q, k, self.queue, epoch)

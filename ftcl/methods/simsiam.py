@@ -87,7 +87,7 @@ class InstanceSimilarity(Method):
         t1, t2 = self.targets(v1, v2, z1, z2, input_grad)
         return z1, z2, p1, p2, t1.float(), t2.float()
 
-    def training_step(self, view1: Tensor, view2: Tensor, epoch: int) -> StepOutput:
+    def training_step(self, view1: Tensor, view2: Tensor, epoch: int, labels: Tensor | None = None) -> StepOutput:
         z1, z2, p1, p2, t1, t2 = self._forward(view1, view2)
         c1, c2 = cosine(p1, t2), cosine(p2, t1)
         loss = self.distance(c1) + self.distance(c2)
