@@ -2,6 +2,7 @@
 # detection when it is in `stages`), tracked in MLflow and aggregated into tables and plots.
 #   snakemake -c2                                    the demo (config/config.yaml)
 #   snakemake -c2 --configfile config/paper/X.yaml   another pipeline config (replaces the demo's)
+#   snakemake --report report.html                  Snakemake's report of the tables and plots
 # Rules call the `ftcl` command line through `ftcl submit` (ftcl/launch.py), so every stage can be
 # rerun by hand; docs/ARCHITECTURE.md describes the config and the run folders.
 from snakemake.utils import min_version, validate
@@ -17,6 +18,9 @@ if not workflow.overwrite_configfiles:
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
@@ -27,4 +31,4 @@ include: "workflow/rules/aggregate.smk"
 rule all:
     default_target: True
     input:
-        AGGREGATE_OUTPUTS,
+        rules.aggregate.output,

@@ -20,7 +20,7 @@ COMMAND_MODULES = {
     "ftcl.launch": ("submit",),
     "ftcl.runfolders": ("stage",),
     "ftcl.detection.stage": ("detect",),
-    "ftcl.aggregate": ("aggregate", "table"),
+    "ftcl.results.command": ("aggregate", "table"),
     "ftcl.ui": ("ui",),
 }
 

@@ -42,6 +42,9 @@ PIPELINE_KEYS = ("seed", "experiment", "tracking.uri", "tracking.artifact_root",
 #: what ``<results_dir>/<experiment>/`` holds besides the row folders
 RESERVED_NAMES = ("tables", "plots", "logs", "pipeline.yaml", "mlflow_experiment.txt", "report.html",
                   "snakemake-report.html")
+#: a row's ``role``: ``floor`` (what no learning gives: a randomly initialised backbone, evaluated the
+#: same way) and ``ceiling`` (what labels give: the same backbone trained supervised for the same budget)
+ROLES = ("floor", "ceiling")
 #: datasets without a default location (``data.root`` must be set)
 ROOT_REQUIRED = ("cifar10", "cifar100", "imagefolder")
 #: detection datasets read from ``detection.root``
@@ -98,6 +101,7 @@ class Row:
     description: str = ""
     published: dict[str, float] = field(default_factory=dict)
     group: str = ""  # the hand-written row it comes from (its own name unless it is a grid row)
+    role: str | None = None  # "floor" (e.g. a random-init backbone) or "ceiling" (e.g. supervised)
 
 
 def grid_value_text(value: Any) -> str:
@@ -188,13 +192,19 @@ def parse_rows(cfg: Mapping) -> list[Row]:
             rows.append(Row(name=row["name"], overrides=runconfig.flatten(row.get("overrides") or {}),
                             baseline=bool(row.get("baseline")), compare_to=row.get("compare_to"),
                             description=(row.get("description") or "").strip(),
-                            published=dict(row.get("published") or {}), group=row.get("group", row["name"])))
+                            published=dict(row.get("published") or {}), group=row.get("group", row["name"]),
+                            role=row.get("role")))
     names = [r.name for r in rows]
     for row in rows:
         if row.compare_to is not None and (row.compare_to not in names or row.compare_to == row.name):
             raise ConfigError(f"ablation row {row.name!r}: compare_to {row.compare_to!r} must name another row "
                               f"(rows: {', '.join(n for n in names if n != row.name)})")
     check_baseline(rows)
+    for role in ROLES:
+        holders = [r.name for r in rows if r.role == role]
+        if len(holders) > 1:
+            raise ConfigError(f"at most one ablation row may have `role: {role}`; found "
+                              + ", ".join(map(repr, holders)))
     return rows
 
 
@@ -264,11 +274,29 @@ def stages_of(key: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def reads(stage: str, key: str) -> bool:
+    """Whether ``stage`` reads run-config ``key`` (False for a key the schema no longer has, e.g. in
+    a config.yaml written by an older ftcl)."""
+    try:
+        return stage in stages_of(key)
+    except KeyError:
+        return False
+
+
+@functools.cache
+def _default_items() -> frozenset:
+    return frozenset((k, json.dumps(v, sort_keys=True)) for k, v in runconfig.flatten(runconfig.defaults()).items())
+
+
 def stage_view(run_cfg: Mapping, stage: str) -> dict[str, Any]:
-    """The flattened run-config keys ``stage``'s result depends on."""
+    """The flattened run-config keys ``stage``'s result depends on, leaving out keys at ftcl's
+    built-in default: a key that a new ftcl version adds (at its default) reruns nothing, while
+    setting it, or changing any value away from or back to the default, does."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-    return {k: v for k, v in sorted(runconfig.flatten(run_cfg).items()) if stage in stages_of(k)}
+    defaults = _default_items()
+    return {k: v for k, v in sorted(runconfig.flatten(run_cfg).items())
+            if reads(stage, k) and (k, json.dumps(v, sort_keys=True)) not in defaults}
 
 
 def digest(obj: Any) -> str:
@@ -283,7 +311,7 @@ def stage_digest(run_cfg: Mapping, stage: str) -> str:
 
 def changed_keys(before: Mapping, after: Mapping, stage: str) -> list[str]:
     """``key (old -> new)`` for each key of ``stage`` whose value differs between two run configs."""
-    old, new = stage_view(before, stage), stage_view(after, stage)
+    old, new = ({k: v for k, v in runconfig.flatten(cfg).items() if reads(stage, k)} for cfg in (before, after))
     return [f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -328,6 +356,10 @@ class Pipeline:
     @property
     def baseline(self) -> str:
         return check_baseline(self.rows)
+
+    def role(self, role: str) -> str | None:
+        """The row with ``role`` (``floor`` or ``ceiling``), if any."""
+        return next((row.name for row in self.rows if row.role == role), None)
 
     @property
     def references(self) -> dict[str, str]:

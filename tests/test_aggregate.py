@@ -18,10 +18,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from ftcl import aggregate
-from ftcl.aggregate import MissingResultsError, ablation_table, collect, paper_table, write_tables
+from ftcl import pipeline
 from ftcl.config import ConfigError
-from ftcl.plots import make_plots
+from ftcl.results import command, render, stats
+from ftcl.results.plots import make_plots
+from ftcl.results.read import MissingResultsError, frame_from_mlflow
+from ftcl.results.read import collect as collect_runs
 
 EXPERIMENT = "agg-test"
 ROWS = ["moco_v2", "+ft"]
@@ -103,9 +105,25 @@ def runs(tmp_path: Path) -> tuple[dict, Path]:
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ftcl")
-    aggregate.register_cli(parser.add_subparsers(dest="command", required=True))
+    command.register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def pipe(cfg: dict):
+    return pipeline.load(cfg, resolve_runs=False)
+
+
+def collect(cfg: dict, **kwargs) -> pd.DataFrame:
+    return collect_runs(pipe(cfg), **kwargs)
+
+
+def ablation_table(frame: pd.DataFrame, baseline: str, references: dict | None = None) -> pd.DataFrame:
+    return stats.ablation_table(frame, baseline, render.TABLE_METRICS, references)
+
+
+def published(cfg: dict) -> dict:
+    return {r.name: r.published for r in pipe(cfg).rows if r.published}
 
 
 def test_only_requested_stages_and_the_datasets_own_metric_family_are_read(runs):
@@ -135,7 +153,8 @@ def test_ablation_table_means_stds_and_deltas_match_hand_computed_values(runs):
     table = ablation_table(collect(cfg), "moco_v2")
     assert table["row"].tolist() == ROWS
     for metric in ("linear_top1", "knn_top1", "det_voc07_AP50", "det_voc07_AP"):
-        for suffix in ("mean", "std", "delta", "n"):
+        for suffix in ("mean", "std", "delta", "n", "ci_low", "ci_high", "delta_low", "delta_high", "delta_n",
+                       "delta_method", "delta_excludes_zero"):
             assert f"{metric}_{suffix}" in table.columns
     assert {"n_seeds", "protocol"} <= set(table.columns)
     base, ft = table.iloc[0], table.iloc[1]
@@ -145,7 +164,10 @@ def test_ablation_table_means_stds_and_deltas_match_hand_computed_values(runs):
     assert ft["linear_top1_std"] == pytest.approx(math.sqrt(0.5))
     assert ft["linear_top1_delta"] == pytest.approx(-2.5)
     assert ft["knn_top1_delta"] == pytest.approx(62.5 - 65.5)
-    assert base["linear_top1_delta"] == 0.0
+    # paired by seed: differences (-2, -3); t(0.975, 1) = 12.7062; sd 0.7071; half width 6.353
+    assert ft["linear_top1_delta_low"] == pytest.approx(-2.5 - 12.706204736 * math.sqrt(0.5) / math.sqrt(2))
+    assert ft["linear_top1_delta_method"] == "paired t" and not ft["linear_top1_delta_excludes_zero"]
+    assert pd.isna(base["reference"]) and math.isnan(base["linear_top1_delta"])
     assert base["det_voc07_AP50_mean"] == pytest.approx(81.0)
     assert base["det_voc07_AP_std"] == pytest.approx(math.sqrt(2))
     assert table["n_seeds"].tolist() == [2, 2]
@@ -159,18 +181,18 @@ def test_compare_to_refers_a_rows_deltas_to_another_row(runs, tmp_path):
     (exp_dir / "+ft+more" / "seed0" / "linear" / "linear.json").write_text(json.dumps(
         {"top1": 71.0, "top5": 99.0, "protocol": {"epochs": 60, "lr": 30.0, "augment": False}, "checkpoint": "x"}))
     cfg["ablations"].append({"name": "+ft+more", "compare_to": "+ft", "overrides": {}})
-    table = ablation_table(collect(cfg), "moco_v2", references=aggregate.reference_rows(cfg))
+    table = ablation_table(collect(cfg), "moco_v2", references=pipe(cfg).references)
     more = table.set_index("row").loc["+ft+more"]
     assert more["reference"] == "+ft"
     assert more["linear_top1_delta"] == pytest.approx((71.0 + 69.0) / 2 - 68.5)  # vs +ft, not vs moco_v2 (71.0)
     assert table.set_index("row").loc["+ft", "linear_top1_delta"] == pytest.approx(-2.5)  # still vs the baseline
-    shown = aggregate.display_ablation(table)
+    shown = render.display_ablation(table)
     assert shown["Δ vs"].tolist() == ["", "moco_v2", "+ft"]
-    assert any("column 'Δ vs'" in note for note in aggregate.table_notes(table))
+    assert any("column 'Δ vs'" in note for note in render.table_notes(table))
 
     cfg["ablations"][-1]["compare_to"] = "byol"
     with pytest.raises(ConfigError, match=r"'\+ft\+more': compare_to 'byol' must name another row"):
-        aggregate.reference_rows(cfg)
+        pipe(cfg)
 
 
 def test_missing_detection_leaves_nan_columns(runs):
@@ -194,7 +216,7 @@ def test_missing_row_folder_is_an_error_naming_it_unless_allowed(runs, tmp_path)
 
 def test_paper_table_compares_with_published_numbers(runs):
     cfg, _ = runs
-    paper = paper_table(collect(cfg), cfg)
+    paper = stats.paper_table(collect(cfg), published(cfg))
     assert paper[["row", "metric"]].values.tolist() == [["moco_v2", "linear_top1"], ["moco_v2", "det_voc07_AP50"]]
     assert paper["ours_mean"].tolist() == pytest.approx([71.0, 81.0])
     assert paper["difference"].tolist() == pytest.approx([3.5, -1.4])
@@ -203,13 +225,19 @@ def test_paper_table_compares_with_published_numbers(runs):
 def test_tables_are_written_as_csv_markdown_and_latex(runs, tmp_path):
     cfg, exp_dir = runs
     frame = collect(cfg)
-    files = write_tables(ablation_table(frame, "moco_v2"), paper_table(frame, cfg), exp_dir / "tables")
+    floor = stats.against(frame, "+ft", render.FLOOR_METRICS)
+    files = render.write_tables(ablation_table(frame, "moco_v2"), stats.paper_table(frame, published(cfg)), floor,
+                                exp_dir / "tables")
     names = sorted(p.name for p in files)
-    assert names == ["ablation.csv", "ablation.md", "ablation.tex", "paper.csv", "paper.md", "paper.tex"]
+    assert names == ["ablation.csv", "ablation.md", "ablation.tex", "floor.csv", "floor.md", "floor.tex",
+                     "paper.csv", "paper.md", "paper.tex"]
     csv = pd.read_csv(exp_dir / "tables" / "ablation.csv")
     assert csv["linear_top1_mean"].tolist() == pytest.approx([71.0, 68.5])
+    assert csv["linear_top1_delta_high"].tolist()[1] == pytest.approx(-2.5 + 6.353102368)
     md = (exp_dir / "tables" / "ablation.md").read_text()
-    assert "| moco_v2" in md and "| +ft" in md and "71.00 ± 1.41" in md and "-2.50" in md
+    assert "| moco_v2" in md and "| +ft" in md and "71.00 ± 1.41" in md and "-2.50 [-8.85, +3.85]" in md
+    assert "excludes 0" in md
+    assert "+2.50 [-3.85, +8.85]" in (exp_dir / "tables" / "floor.md").read_text()
     tex = (exp_dir / "tables" / "ablation.tex").read_text()
     assert r"\toprule" in tex and r"moco\_v2" in tex and r"$71.00 \pm 1.41$" in tex and r"\bottomrule" in tex
     assert "82.40" in (exp_dir / "tables" / "paper.md").read_text()
@@ -217,7 +245,8 @@ def test_tables_are_written_as_csv_markdown_and_latex(runs, tmp_path):
 
 def test_plots_are_written_as_nonempty_pngs(runs):
     cfg, exp_dir = runs
-    plots = make_plots(collect(cfg), exp_dir / "plots", baseline="moco_v2")
+    frame = collect(cfg)
+    plots = make_plots(frame, exp_dir / "plots", ablation_table(frame, "moco_v2"))
     names = sorted(p.name for p in plots.values())
     assert names == ["accuracy.png", "score_curves.png", "score_histograms.png"]
     for path in plots.values():
@@ -226,7 +255,7 @@ def test_plots_are_written_as_nonempty_pngs(runs):
 
 def test_report_holds_every_row_and_embeds_the_plots(runs):
     cfg, exp_dir = runs
-    out = aggregate.run_aggregate(cfg, mlflow=False, command="ftcl aggregate --configfile c.yaml")
+    out = command.run_aggregate(pipe(cfg), mlflow=False, command="ftcl aggregate --configfile c.yaml")
     text = out["report"].read_text()
     assert out["report"] == exp_dir / "report.html"
     table = re.search(r'<table[^>]*id="ablation-table".*?</table>', text, re.S).group(0)
@@ -267,9 +296,12 @@ def test_aggregate_command_logs_tables_plots_and_report_to_an_mlflow_run(runs, t
     assert "tables/ablation.tex" in {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert not (tmp_path / "mlruns").exists() and not Path("mlruns").exists()
 
-    assert cli(["aggregate", "--configfile", configfile]) == 0  # a rerun leaves one active aggregate run
-    active = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'aggregate'")
-    assert len(active) == 1 and active[0].info.run_id != run.info.run_id
+    assert cli(["aggregate", "--configfile", configfile]) == 0  # a rerun: the old aggregate run is kept, tagged
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'aggregate'")
+    assert len(runs) == 2
+    assert "ftcl.superseded" in client.get_run(run.info.run_id).data.tags
+    current = [r for r in runs if r.info.run_id != run.info.run_id]
+    assert "ftcl.superseded" not in current[0].data.tags
 
 
 def test_table_command_reads_metrics_back_from_mlflow_runs(tmp_path, capsys, monkeypatch):
@@ -298,7 +330,7 @@ def test_table_command_reads_metrics_back_from_mlflow_runs(tmp_path, capsys, mon
                 client.log_metric(child.info.run_id, "det/voc07_AP", values[3])
                 client.set_terminated(child.info.run_id)
 
-    frame = aggregate.frame_from_mlflow(uri, "from-mlflow")
+    frame = frame_from_mlflow(uri, "from-mlflow")
     assert frame["row"].tolist() == ["moco_v2", "moco_v2", "+ft", "+ft"]
     assert frame["knn_top1"].tolist() == [65.0, 66.0, 61.0, 64.0]
     assert frame["det_voc07_AP"].tolist()[:2] == [50.0, 52.0]
@@ -309,7 +341,7 @@ def test_table_command_reads_metrics_back_from_mlflow_runs(tmp_path, capsys, mon
     out = capsys.readouterr().out
     lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert "71.00 ± 1.41" in lines["moco_v2"] and "81.00 ± 1.41" in lines["moco_v2"]
-    assert "68.50 ± 0.71" in lines["+ft"] and "-2.50" in lines["+ft"] and "-3.00" in lines["+ft"]
+    assert "68.50 ± 0.71" in lines["+ft"] and "-2.50 [" in lines["+ft"] and "-3.00 [" in lines["+ft"]
 
     assert cli(["table", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err

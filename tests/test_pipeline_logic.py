@@ -67,6 +67,15 @@ def test_a_key_changes_only_the_digests_of_the_stages_that_read_it(key, value, c
     assert moved == changed
 
 
+def test_a_key_added_at_its_default_changes_no_digest():
+    cfg = runconfig.resolve(overrides={"data.dataset": "digits", "eval.knn.k": 50})
+    without = copy.deepcopy(cfg)
+    del without["data"]["decode"]  # as a run config written before the key existed
+    assert all(pipeline.stage_digest(cfg, s) == pipeline.stage_digest(without, s) for s in STAGES)
+    at_default = runconfig.resolve(overrides={"eval.knn.k": 200}, base=cfg)  # back to the default: a change
+    assert pipeline.stage_digest(at_default, "knn") != pipeline.stage_digest(cfg, "knn")
+
+
 def test_rows_of_the_tiny_pipeline_resolve_with_row_and_seed():
     pipe = pipeline.load(tiny(), check_paths=False)
     assert pipe.row_names == ["moco_v2", "+ft"] and pipe.baseline == "moco_v2"

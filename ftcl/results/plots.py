@@ -1,15 +1,17 @@
 """Aggregate plots over ablation rows and seeds (PNG via matplotlib's Agg canvas, seaborn styling).
 
-* ``accuracy.png``: one panel per metric; a point per seed and a bar at the mean of each row
-  (the dashed line is the baseline row's mean);
+* ``accuracy.png``: one panel per metric; a point per seed, a bar at the mean of each row with its
+  95 % interval, the row's paired difference to its reference with that interval written under
+  it (``*``: the interval excludes 0), and the baseline row's mean as a dashed line;
 * ``score_curves.png``: the positive score ``q·k+`` and the mean negative score ``mean_i q·n_i``
   over training iterations, one line per row (mean over seeds, smoothed with a centred rolling
   mean; the band spans the seeds), as in Fig. 2 of Zhu et al., ICCV 2021 (FT);
 * ``score_histograms.png``: the distributions of positive and negative scores at the last recorded
   epoch, one panel per row (counts summed over seeds, each normalised to a density).
 
-Inputs are the frame of :func:`ftcl.aggregate.collect` (its ``run_dir`` column points at the run
-folders) and the files of the run-folder contract: ``pretrain/scores/epoch_XXXX.parquet`` and
+Inputs are the frame of :func:`ftcl.results.read.collect` (its ``run_dir`` column points at the run
+folders), the ablation table of :func:`ftcl.results.stats.ablation_table`, and the files of the
+run-folder contract: ``pretrain/scores/epoch_XXXX.parquet`` and
 ``pretrain/scores/hist_epoch_XXXX.parquet``.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +27,14 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from ftcl.results.render import METRIC_LABELS
 from ftcl.scores import display_edges, tail_label
 
 log = logging.getLogger(__name__)
 
-ACCURACY_METRICS: dict[str, str] = {
-    "linear_top1": "Linear top-1 accuracy (%)",
-    "knn_top1": "kNN top-1 accuracy (%)",
-    "det_voc07_AP50": "VOC07 AP50",
-    "det_voc07_AP": "VOC07 AP",
-    "det_coco_AP": "COCO AP",
-    "det_coco_AP50": "COCO AP50",
-}
+#: the metrics of the accuracy plot (labels: ftcl.results.render.METRIC_LABELS)
+ACCURACY_METRICS: tuple[str, ...] = ("linear_top1", "knn_top1", "det_voc07_AP50", "det_voc07_AP", "det_coco_AP",
+                                     "det_coco_AP50")
 POS_COLOR, NEG_COLOR = "tab:blue", "tab:red"  # as the per-run plots of ftcl.scores
 DPI = 130
 SCORE_COLUMNS = ["epoch", "iteration", "pos_mean", "neg_mean"]
@@ -66,44 +64,62 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def accuracy_plot(frame: pd.DataFrame, path: str | Path, baseline: str | None = None) -> Path | None:
-    """Seeds as points and the mean as a bar, per row; one panel per metric with any value."""
+def accuracy_plot(frame: pd.DataFrame, path: str | Path, table: pd.DataFrame | None = None) -> Path | None:
+    """Seeds as points, the mean as a bar with its 95 % interval, per row; under each row its paired
+    difference to its reference with that interval (``table``: :func:`ftcl.results.stats.ablation_table`).
+    One panel per metric with any value."""
     metrics = [m for m in ACCURACY_METRICS if m in frame and frame[m].notna().any()]
     if not metrics:
         return None
+    baseline = table.attrs.get("baseline") if table is not None else None
+    lines = table.set_index("row") if table is not None else None
     rows = _rows(frame)
     palette = row_palette(rows)
-    width = max(3.6, 0.75 * len(rows) + 1.6)
+    width = max(3.6, 0.95 * len(rows) + 1.6)
     ncols = 2 if len(metrics) > 2 and len(rows) > 4 else len(metrics)  # many rows: a 2-column grid
     nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = _figure(nrows, ncols, (width * ncols, 4.2 * nrows))
+    fig, axes = _figure(nrows, ncols, (width * ncols, 4.6 * nrows))
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
     for ax, metric in zip(axes.flat, metrics):
         data = frame[["row", "seed", metric]].dropna()
         sns.stripplot(data=data, x="row", y=metric, hue="row", order=rows, hue_order=rows, palette=palette,
-                      jitter=0.12, size=7, alpha=0.85, edgecolor="black", linewidth=0.6, legend=False, ax=ax)
+                      jitter=0.12, size=6, alpha=0.8, edgecolor="black", linewidth=0.5, legend=False, ax=ax)
         means = data.groupby("row")[metric].mean()
         if baseline is not None and baseline in means:
             ax.axhline(means[baseline], color="grey", linestyle="--", linewidth=1, zorder=0)
-        ax.margins(y=0.25)
+        ax.margins(y=0.3)
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_xticks(range(len(rows)), rows)
         for i, row in enumerate(rows):
-            if row in means:
-                ax.hlines(means[row], i - 0.3, i + 0.3, color=palette[row], linewidth=3)
-                ax.annotate(f"{means[row]:.2f}", (i, means[row]), xytext=(0, 5), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=8)
-            else:
+            if row not in means:
                 ax.annotate("no result", (i, 0.02), xycoords=("data", "axes fraction"), ha="center",
                             fontsize=8, color="grey")
-        ax.set_title(ACCURACY_METRICS[metric].split(" (")[0])
+                continue
+            ax.hlines(means[row], i - 0.3, i + 0.3, color=palette[row], linewidth=3)
+            if lines is not None and row in lines.index:
+                low, high = lines.loc[row, f"{metric}_ci_low"], lines.loc[row, f"{metric}_ci_high"]
+                if not (math.isnan(low) or math.isnan(high)):
+                    ax.errorbar(i + 0.33, means[row], yerr=[[means[row] - low], [high - means[row]]], fmt="none",
+                                ecolor=palette[row], elinewidth=1.6, capsize=4)
+                delta = lines.loc[row, f"{metric}_delta"]
+                if not pd.isna(lines.loc[row, "reference"]) and not math.isnan(delta):
+                    lo, hi = lines.loc[row, f"{metric}_delta_low"], lines.loc[row, f"{metric}_delta_high"]
+                    text = f"Δ {delta:+.2f}" + ("" if math.isnan(lo) else f"\n[{lo:+.2f}, {hi:+.2f}]")
+                    if lines.loc[row, f"{metric}_delta_excludes_zero"]:
+                        text += " *"
+                    ax.annotate(text, (i, 0.01), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                                fontsize=7, color="black")
+            ax.annotate(f"{means[row]:.2f}", (i, means[row]), xytext=(0, 6), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_title(METRIC_LABELS[metric].split(" (")[0])
         ax.set_xlabel("ablation row")
-        ax.set_ylabel(ACCURACY_METRICS[metric])
-        ax.tick_params(axis="x", labelrotation=20 if len(rows) > 3 else 0)
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.tick_params(axis="x", labelrotation=25 if len(rows) > 3 else 0)
     n_seeds = frame.groupby("row").size().max()
-    fig.suptitle(f"Accuracy per ablation row (points: {n_seeds} seeds, bar: mean"
-                 + (", dashed: baseline mean)" if baseline else ")"))
+    fig.suptitle(f"Accuracy per row (points: {n_seeds} seeds; bar: mean; whisker: its 95% t interval; "
+                 "Δ: paired difference to the reference [95% interval], *: excludes 0"
+                 + ("; dashed: baseline mean)" if baseline else ")"))
     return _save(fig, Path(path))
 
 
@@ -229,12 +245,33 @@ def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4)
     return _save(fig, Path(path))
 
 
-def make_plots(frame: pd.DataFrame, plots_dir: str | Path, baseline: str | None = None) -> dict[str, Path]:
-    """Write every aggregate plot that has data; returns ``{title: path}`` in display order."""
+#: the plot files every aggregation writes (file name -> title), in display order
+PLOT_FILES: dict[str, str] = {
+    "accuracy.png": "Accuracy per row",
+    "score_curves.png": "Score curves over training",
+    "score_histograms.png": "Score distributions at the last epoch",
+}
+
+
+def placeholder_plot(path: Path, title: str, reason: str) -> Path:
+    """A small figure saying why a plot has no data (the pipeline declares every plot as an output)."""
+    fig, axes = _figure(1, 1, (6, 1.6))
+    axes[0, 0].axis("off")
+    axes[0, 0].text(0.5, 0.5, f"{title}: {reason}", ha="center", va="center", fontsize=10, color="grey")
+    return _save(fig, path)
+
+
+def make_plots(frame: pd.DataFrame, plots_dir: str | Path, table: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write every aggregate plot (:data:`PLOT_FILES`; a placeholder saying so where there is no
+    data); returns ``{title: path}`` in display order."""
     plots_dir = Path(plots_dir)
-    made: Mapping[str, Path | None] = {
-        "Accuracy per row": accuracy_plot(frame, plots_dir / "accuracy.png", baseline),
-        "Score curves over training": score_curves_plot(frame, plots_dir / "score_curves.png"),
-        "Score distributions at the last epoch": histograms_plot(frame, plots_dir / "score_histograms.png"),
+    drawers = {
+        "accuracy.png": lambda path: accuracy_plot(frame, path, table),
+        "score_curves.png": lambda path: score_curves_plot(frame, path),
+        "score_histograms.png": lambda path: histograms_plot(frame, path),
     }
-    return {title: path for title, path in made.items() if path is not None}
+    made = {}
+    for name, title in PLOT_FILES.items():
+        path = plots_dir / name
+        made[title] = drawers[name](path) or placeholder_plot(path, title, "no results with this data yet")
+    return made

@@ -51,13 +51,15 @@ def render_report(
     ablation: pd.DataFrame,
     ablation_notes: Sequence[str] = (),
     paper: pd.DataFrame | None = None,
+    floor: pd.DataFrame | None = None,
+    floor_notes: Sequence[str] = (),
     plots: Mapping[str, str | Path] | None = None,
     command: str = "ftcl aggregate",
     descriptions: Mapping[str, str] | None = None,
     generated_at: datetime | None = None,
 ) -> str:
-    """The report's HTML. ``ablation``/``paper`` are display tables (strings; first column the row
-    name), ``plots`` maps a title to a PNG file, ``descriptions`` maps a row to its description."""
+    """The report's HTML. ``ablation``/``paper``/``floor`` are display tables (strings; first column
+    the row name), ``plots`` maps a title to a PNG file, ``descriptions`` maps a row to its description."""
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M %Z")
     esc = html.escape
     parts = [
@@ -78,6 +80,11 @@ def render_report(
         parts.append('<dl class="rows">')
         parts += [f"<dt>{esc(row)}</dt><dd>{esc(text)}</dd>" for row, text in described.items()]
         parts.append("</dl>")
+    if floor is not None and len(floor):
+        parts.append("<h2>Against the floor (random initialisation)</h2>")
+        parts.append(_table_html(floor, "floor-table"))
+        if floor_notes:
+            parts.append('<p class="notes">' + "<br>".join(esc(n) for n in floor_notes) + "</p>")
     parts.append("<h2>Comparison with published numbers</h2>")
     if paper is not None and len(paper):
         parts.append(_table_html(paper, "paper-table"))
