@@ -425,7 +425,8 @@ def load(cfg: Mapping, *, resolve_runs: bool = True, check_paths: bool = True,
         _pipeline_keys_in(row.overrides, where)
         base = runconfig.deep_merge(cfg["defaults"], {
             "experiment": cfg["experiment"],
-            "tracking": {**tracking, "tags": {"row": row.name, "description": row_description(row)}}})
+            "tracking": {**tracking, "tags": {"row": row.name, "description": row_description(row),
+                                              "overrides": json.dumps(row.overrides, sort_keys=True)}}})
         try:
             run_cfg = runconfig.resolve(overrides=row.overrides, base=base)
         except ConfigError as err:

@@ -28,7 +28,7 @@ from typing import TextIO
 
 import yaml
 
-from ftcl.constants import EVAL_STAGES, PRETRAIN, RESULT_FILES, RUN_ID_FILE, STAGES, TAG_SUPERSEDED
+from ftcl.constants import EVAL_STAGES, PRETRAIN, RESULT_FILES, RUN_ID_FILE, STAGES
 
 KEY_FILE = ".ftcl_stage.json"
 SUPERSEDED_DIR = ".superseded"
@@ -162,7 +162,8 @@ def supersede(folder: Path, run_dir: Path, stage: str, reason: str, run_cfg: Map
 
 
 def _tag_superseded_run(target: Path, run_cfg: Mapping, stamp: str, log: TextIO | None, stage: str) -> None:
-    """Tag the moved folder's MLflow run ``ftcl.superseded`` (it stays in the store, never deleted)."""
+    """Tag the moved folder's MLflow run ``ftcl.superseded`` (it stays in the store, never deleted; its
+    headline results no longer show on the row's parent run)."""
     run_id_file = target / RUN_ID_FILE
     tracking = run_cfg.get("tracking") or {}
     if not run_id_file.is_file() or not tracking.get("enabled", True):
@@ -170,12 +171,10 @@ def _tag_superseded_run(target: Path, run_cfg: Mapping, stamp: str, log: TextIO 
     try:
         from mlflow.tracking import MlflowClient
 
-        from ftcl.tracking import tracking_uri
+        from ftcl.tracking import supersede_run, tracking_uri
 
         client = MlflowClient(tracking_uri(tracking.get("uri")))
-        run_id = run_id_file.read_text().strip()
-        client.set_tag(run_id, TAG_SUPERSEDED, stamp)
-        client.set_tag(run_id, "ftcl.superseded_to", str(target))
+        supersede_run(client, run_id_file.read_text().strip(), stamp, target)
     except Exception as err:  # bookkeeping only: never stop a stage for it
         note(f"{stage}: warning: the superseded MLflow run was not tagged ({err})", log)
 

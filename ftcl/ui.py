@@ -31,6 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_PORT = 5000
+#: MLflow 3.17 opens an experiment on its GenAI pages unless told otherwise (see :func:`experiment_url`)
+MODE_HINT = ("this link opens the runs table; from MLflow's own experiment list, pick 'Model training' "
+             "(top left) once and this browser keeps it.")
 HEALTH_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 
@@ -85,8 +88,12 @@ def base_url(host: str, port: int) -> str:
 def experiment_url(base: str, experiment_id: str | None) -> str:
     """The UI page of an experiment, or the UI's home page.
 
-    ``<base>/#/experiments/<id>?workflowType=machine_learning``: MLflow 3's UI otherwise opens an
-    experiment in its GenAI mode (an empty traces overview) instead of the runs table.
+    ``<base>/#/experiments/<id>?workflowType=machine_learning``: the runs table. MLflow 3.17's UI
+    opens an experiment in the mode its ``workflowType`` says (this URL parameter, else the mode the
+    browser last picked with the GenAI / Model training switch, kept in its localStorage as
+    ``mlflow.workflowType_v1``, else GenAI: an empty traces overview). The experiment's
+    ``mlflow.experimentKind`` tag, which :func:`ftcl.tracking.get_or_create_experiment` sets to
+    ``custom_model_development``, does not decide it there (MLflow UIs without that switch read it).
     """
     base = base.rstrip("/")
     if experiment_id is None:
@@ -293,7 +300,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                     print(f"[ui] warning: no experiment {args.experiment!r} in {uri} (experiments: {names}); "
                           "showing the experiment list", flush=True)
             print(f"[ui] ready after {time.monotonic() - t0:.1f} s. Open:\n\n    {experiment_url(base, exp_id)}\n\n"
-                  "[ui] Ctrl-C stops it.", flush=True)
+                  f"[ui] {MODE_HINT}\n[ui] Ctrl-C stops it.", flush=True)
         while not stop_requested and proc.poll() is None:
             time.sleep(0.2)
         if not stop_requested:

@@ -5,8 +5,10 @@ A tiny two-row experiment (digits, ResNet-18 of width 8, 2 epochs) is run stage 
 (`ftcl pretrain`, `ftcl linear`, `ftcl knn` per row, then `ftcl aggregate`), laid out as the
 pipeline lays it out. Then, in the browser: the experiment's runs table lists the parent run of
 every row, one pretraining run's artifact viewer shows the score-distribution PNG (loaded, natural
-size > 0), and `report.html` holds the ablation table with every row. Screenshots go to
-``test-artifacts/browser/`` (git-ignored).
+size > 0), and `report.html` holds the ablation table with every row. A second, untrained store
+(`Tracker`s logging what the stages log, in seconds) checks how rows are compared: the experiment
+opens on its runs table, and MLflow's compare view of two parent runs shows each row's overrides
+and headline results. Screenshots go to ``test-artifacts/browser/`` (git-ignored).
 
 Needs ``/usr/bin/chromium`` (Debian package ``chromium``) and ``pip install playwright``; the
 browser tests skip, saying which is missing, without them. `playwright install` is never run.
@@ -14,6 +16,7 @@ browser tests skip, saying which is missing, without them. `playwright install` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,7 +77,8 @@ def store(tmp_path_factory):
     for row, overrides in ROWS.items():
         seed_dir = exp_dir / row / "seed0"
         common = _sets({**TINY, **overrides, "experiment": EXPERIMENT, "seed": 0, "tracking.uri": uri,
-                        "tracking.tags.row": row, "tracking.tags.seed": 0})
+                        "tracking.tags.row": row, "tracking.tags.seed": 0,
+                        "tracking.tags.overrides": json.dumps(overrides)})
         plan.append(["pretrain", *common, "--out", str(seed_dir / "pretrain")])
         for stage in ("linear", "knn"):
             plan.append([stage, *common, "--checkpoint", str(seed_dir / "pretrain"), "--out", str(seed_dir / stage)])
@@ -116,6 +121,7 @@ def test_runs_read_well_in_the_store(store):
         assert row in note and "model.width" in note
         for key, value in overrides.items():
             assert f"`{key}`: `{value}`" in note, note
+        assert parent.data.params == {"seed": "0", **overrides}, "the row's overrides, for comparing rows"
         assert parent.info.status == "FINISHED", "a parent run ends when its last stage ends"
         children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert set(children) == {"pretrain", "linear", "knn"}
@@ -127,6 +133,10 @@ def test_runs_read_well_in_the_store(store):
             steps = [m.step for m in client.get_metric_history(pretrain, metric)]
             assert steps == [1, 2], f"{metric}: one point per epoch, at steps 1 and 2 (a curve), got {steps}"
         assert "linear/top1" in children["linear"].data.metrics and "knn/top1" in children["knn"].data.metrics
+        headline = {**{k: children["pretrain"].data.metrics[k] for k in ("scores/pos_mean", "scores/neg_mean")},
+                    "linear/top1": children["linear"].data.metrics["linear/top1"],
+                    "knn/top1": children["knn"].data.metrics["knn/top1"]}
+        assert parent.data.metrics == headline, "the parent shows the latest headline result of each stage"
         files = [a.path for a in client.list_artifacts(pretrain, "score_distribution")]
         assert "score_distribution/score_histograms.png" in files, files
         assert any(f.endswith(".parquet") for f in files), files
@@ -194,10 +204,16 @@ def chromium():
 @pytest.fixture(scope="module")
 def ui(store):
     """`ftcl ui` on the store: yields the URL it printed; stopped with Ctrl-C (SIGINT) afterwards."""
-    cmd = [sys.executable, "-m", "ftcl.cli", "ui", "--tracking-uri", store["uri"], "--experiment", EXPERIMENT,
-           "--port", "0"]
+    with _serve(store["uri"], EXPERIMENT, store["results"].parent) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serve(uri: str, experiment: str, cwd: Path) -> Iterator[str]:
+    """`ftcl ui --experiment` on ``uri`` as a person starts it: the URL it printed, then Ctrl-C."""
+    cmd = [sys.executable, "-m", "ftcl.cli", "ui", "--tracking-uri", uri, "--experiment", experiment, "--port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=store["results"].parent)
+                            start_new_session=True, cwd=cwd)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     deadline = time.monotonic() + 120
@@ -299,3 +315,158 @@ def test_the_report_holds_the_ablation_table_with_every_row(chromium, store, pag
         assert img.evaluate("img => img.complete && img.naturalWidth > 0")
     _shot(page, "5-report")
     page.screenshot(path=str(SHOTS / "5-report-full.png"), full_page=True)
+
+
+# --------------------------------------------------------------------------- comparing rows
+
+COMPARE_EXPERIMENT = "tiny-compare"
+#: what each row's stages log (values with decimals, shown as logged); the +ft row's linear stage
+#: ran twice: its first run (39.5) was superseded, so the parent shows the second
+COMPARE_ROWS = {
+    "moco_v2": ({}, {"scores/pos_mean": 0.61, "scores/neg_mean": 0.12, "linear/top1": 40.25, "knn/top1": 35.5,
+                     "det/voc07_AP50": 55.5, "det/voc07_AP": 30.25}),
+    "+ft": ({"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"},
+            {"scores/pos_mean": 0.65, "scores/neg_mean": 0.08, "linear/top1": 43.75, "knn/top1": 37.25,
+             "det/voc07_AP50": 57.75, "det/voc07_AP": 31.5}),
+}
+STAGE_METRICS = {"pretrain": ("scores/",), "linear": ("linear/",), "knn": ("knn/",), "detection": ("det/",)}
+
+
+@pytest.fixture(scope="module")
+def compare_store(tmp_path_factory):
+    """A store of two rows x one seed whose stage runs log what the stages log (no training): the
+    pretraining per epoch, the others once, through ``Tracker`` as the stages do."""
+    from mlflow.tracking import MlflowClient
+
+    from ftcl import config
+    from ftcl.tracking import Tracker, supersede_run
+
+    results = tmp_path_factory.mktemp("compare") / "results"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    start = time.monotonic()
+    for row, (overrides, final) in COMPARE_ROWS.items():
+        cfg = config.resolve(overrides={**overrides, "experiment": COMPARE_EXPERIMENT, "seed": 0, "tracking.uri": uri,
+                                        "tracking.tags.row": row, "tracking.tags.seed": 0,
+                                        "tracking.tags.overrides": json.dumps(overrides)})
+        seed_dir = results / COMPARE_EXPERIMENT / row / "seed0"
+        if row == "+ft":  # a first linear run, superseded (its folder moved aside) before the rerun
+            with Tracker(cfg, seed_dir / "_superseded" / "linear", "linear") as old:
+                old.log_metrics({"linear/top1": 39.5}, step=2)
+            supersede_run(MlflowClient(uri), old.run_id, "20260101T000000Z")
+        for stage, prefixes in STAGE_METRICS.items():
+            metrics = {k: v for k, v in final.items() if k.startswith(prefixes)}
+            with Tracker(cfg, seed_dir / stage, stage) as tracker:
+                if stage == "pretrain":  # per epoch, the last epoch's values are the final ones
+                    tracker.log_metrics({"pretrain/loss": 6.0, **{k: v / 2 for k, v in metrics.items()}}, step=1)
+                tracker.log_metrics(metrics, step=2)
+    print(f"[compare store] built in {time.monotonic() - start:.1f} s")
+    return {"uri": uri, "results": results}
+
+
+@pytest.fixture(scope="module")
+def compare_ui(compare_store):
+    with _serve(compare_store["uri"], COMPARE_EXPERIMENT, compare_store["results"].parent) as url:
+        yield url
+
+
+def test_parent_runs_hold_each_row_overrides_and_headline_results(compare_store):
+    from mlflow.tracking import MlflowClient
+
+    from ftcl.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(compare_store["uri"])
+    exp = client.get_experiment_by_name(COMPARE_EXPERIMENT)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    runs = client.search_runs([exp.experiment_id], "tags.`ftcl.stage` = 'parent'")
+    got = {r.info.run_name: (r.data.params, r.data.metrics) for r in runs}
+    assert got == {f"{row} · seed 0": ({"seed": "0", **overrides}, final)
+                   for row, (overrides, final) in COMPARE_ROWS.items()}
+
+
+@pytest.mark.slow
+def test_the_experiment_opens_on_its_runs_table_and_compares_rows_on_their_parent_runs(
+        chromium, compare_store, compare_ui, page):
+    try:
+        _compare_rows(page, compare_ui)
+    except Exception:
+        _shot(page, "failure-compare")
+        raise
+
+
+def _compare_rows(page, url: str) -> None:
+    page.add_init_script(CLOSED_ASSISTANT)
+    # the URL `ftcl ui` prints opens the experiment on its runs table (not MLflow 3's GenAI overview)
+    page.goto(url)
+    for row in COMPARE_ROWS:
+        page.get_by_role("link", name=f"{row} · seed 0", exact=True).wait_for()
+    assert "/runs" in page.url and "workflowType=machine_learning" in page.url, page.url
+    page.get_by_role("heading", name="Runs").wait_for()
+    assert not page.get_by_text("Detect Issues").count(), "a GenAI page"
+    _shot(page, "6-experiment-opens-on-runs")
+
+    # select both parent runs and open MLflow's compare view
+    for row in COMPARE_ROWS:
+        page.locator("[role=row]", has_text=f"{row} · seed 0").locator("input.ag-checkbox-input").first.check()
+    _shot(page, "7-two-parent-runs-selected")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("Comparing 2 Runs").wait_for()
+    page.get_by_role("switch", name="Metrics - Show diff only").wait_for()
+    runs = _compare_table_row(page, "Run Name:")
+    assert sorted(runs) == sorted(f"{row} · seed 0" for row in COMPARE_ROWS), runs
+
+    # every headline metric, with each row's value in its run's column
+    shown = page.evaluate(METRICS_GRID_JS)
+    expected = {name: [_number(COMPARE_ROWS[run.split(" · ")[0]][1][name]) for run in runs]
+                for name in COMPARE_ROWS["moco_v2"][1]}
+    assert {name: values for name, values in shown.items() if name in expected} == expected, shown
+    # the params: each row's overrides (the baseline overrides nothing) and the seed
+    for key, value in COMPARE_ROWS["+ft"][0].items():
+        assert _compare_table_row(page, key) == [value if run.startswith("+ft") else "" for run in runs]
+    assert _compare_table_row(page, "seed") == ["0", "0"]
+    page.get_by_role("switch", name="Metrics - Show diff only").scroll_into_view_if_needed()
+    _shot(page, "8-compare-parent-runs")
+
+    # what `ftcl ui` tells a person who opens the experiment from MLflow's own experiment list: pick
+    # 'Model training' once, and the experiment opens on its runs table
+    page.goto("about:blank")  # a fresh load of the UI, as a new tab
+    page.goto(url.split("#")[0] + "#/experiments")
+    experiment = page.get_by_role("link", name=COMPARE_EXPERIMENT, exact=True)
+    experiment.wait_for()
+    page.get_by_role("button", name="Model training", exact=True).click()
+    page.wait_for_function("() => localStorage.getItem('mlflow.workflowType_v1') === '\"machine_learning\"'")
+    experiment.click()
+    page.get_by_role("link", name="+ft · seed 0", exact=True).wait_for()
+    assert "/runs" in page.url, page.url
+    _shot(page, "9-experiment-list-model-training")
+
+
+def _number(value: float) -> str:
+    """A metric value as the compare view shows it."""
+    return f"{value:g}"
+
+
+def _compare_table_row(page, header: str) -> list[str]:
+    """The cells of the compare view's table row headed ``header`` (one per run, in column order)."""
+    row = page.locator("tr").filter(has=page.locator(f"th:text-is('{header}')")).first
+    return [cell.strip() for cell in row.locator("td").all_inner_texts()]
+
+
+#: MLflow's assistant panel closed (screenshots show the page); the UI's mode is left alone
+CLOSED_ASSISTANT = """
+    localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+    localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+"""
+
+#: The compare view's metrics: a grid of names beside a grid of values, cells placed by position.
+METRICS_GRID_JS = """() => {
+    const toggle = document.querySelector('[aria-label="Metrics - Show diff only"]');
+    let section = toggle;
+    while (section && section.querySelectorAll('[role=grid]').length < 2) section = section.parentElement;
+    const [names, values] = section.querySelectorAll('[role=grid]');
+    const cells = grid => [...grid.querySelectorAll('[role=rowgroup] > div')].map(
+        d => ({top: d.style.top, left: parseFloat(d.style.left), text: d.innerText.trim()}));
+    const rows = {};
+    for (const c of cells(names)) rows[c.top] = {name: c.text, values: []};
+    for (const c of cells(values).sort((a, b) => a.left - b.left)) if (rows[c.top]) rows[c.top].values.push(c.text);
+    return Object.fromEntries(Object.values(rows).map(r => [r.name, r.values]));
+}"""

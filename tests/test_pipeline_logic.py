@@ -80,8 +80,9 @@ def test_rows_of_the_tiny_pipeline_resolve_with_row_and_seed():
     pipe = pipeline.load(tiny(), check_paths=False)
     assert pipe.row_names == ["moco_v2", "+ft"] and pipe.baseline == "moco_v2"
     cfg = pipe.run_config("+ft", 3)
-    assert cfg["seed"] == 3 and cfg["tracking"]["tags"] == {"row": "+ft", "seed": 3, "description": cfg[
-        "tracking"]["tags"]["description"]}
+    tags = cfg["tracking"]["tags"]
+    assert cfg["seed"] == 3 and (tags["row"], tags["seed"]) == ("+ft", 3) and "row overrides:" in tags["description"]
+    assert json.loads(tags["overrides"]) == {"ft.negative.mode": "interpolate", "ft.positive.mode": "extrapolate"}
     assert cfg["ft"]["positive"]["mode"] == "extrapolate"
     assert pipe.references == {"+ft": "moco_v2"}
 

@@ -149,6 +149,7 @@ def test_ui_serves_the_store_and_stops_every_process_it_started(tmp_path, how):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"{base}/health", timeout=2)
         assert "stopped" in ui_proc.output
+        assert ui.MODE_HINT in ui_proc.output  # how MLflow's own experiment list opens the runs table too
         print(f"[ui] ready after {ready_s:.1f} s, stopped in {stop_s:.1f} s ({how})")
     finally:
         ui_proc.kill()
