@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftcl import checkpoint as ckpt
+from ftcl import determinism
 from ftcl.config import dump, flatten, load_yaml
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
@@ -187,17 +188,22 @@ class TrainStep:
         self.method, self.model, self.optimizer, self.views = method, model, optimizer, views
         self.ema_momentum, self.channels_last = ema_momentum, channels_last
         self.device = next(method.parameters()).device
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
     @classmethod
-    def build(cls, cfg: Mapping, data, device: torch.device, world: int = 1) -> TrainStep:
-        """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean, std."""
+    def build(cls, cfg: Mapping, data, device: torch.device, world: int = 1,
+              gpu_path_on_cpu: bool = False) -> TrainStep:
+        """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean, std.
+
+        ``optim.amp`` (bf16 autocast) and ``optim.channels_last`` apply on CUDA only;
+        ``gpu_path_on_cpu`` applies them on the CPU too (tests of the GPU code path)."""
         layout = batch_layout(cfg, world)
         views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
                          tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
         method = build_method(cfg, build_backbone(cfg["model"], data.channels), layout.bn_splits,
                               num_classes=getattr(data, "num_classes", None)).to(device)
-        channels_last = cfg["optim"]["channels_last"] and device.type == "cuda"
+        gpu_path = device.type == "cuda" or gpu_path_on_cpu
+        channels_last = cfg["optim"]["channels_last"] and gpu_path
         if channels_last:
             method = method.to(memory_format=torch.channels_last)
         params = [p for p in method.parameters() if p.requires_grad]
@@ -211,7 +217,7 @@ class TrainStep:
             for module in method.children():
                 if any(True for _ in module.parameters()):
                     module.compile()
-        amp = cfg["optim"]["amp"] and device.type == "cuda"
+        amp = cfg["optim"]["amp"] and gpu_path
         return cls(method, model, optimizer, views, float(cfg["method"]["momentum"]), amp, channels_last)
 
     def __call__(self, images: torch.Tensor, epoch: int, lr: float, labels: torch.Tensor | None = None) -> StepOutput:
@@ -294,6 +300,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     main = rank == 0
     if not main:
         echo = _silent
+    determinism.apply(cfg)
     device = select_device(cfg["device"])
     seed_everything(cfg["seed"] + rank)
     ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"

@@ -134,3 +134,29 @@ def test_a_global_batch_that_does_not_divide_among_processes_is_rejected():
 
     with pytest.raises(config.ConfigError, match=r"'optim.batch_size' is 100.*3 processes cannot share"):
         batch_layout(config.resolve(overrides={"optim.batch_size": 100}), world=3)
+
+
+def _backbone_bytes(folder: Path) -> bytes:
+    state = ckpt.load(folder / "checkpoints" / "last.pt")["backbone"]
+    return b"".join(v.numpy().tobytes() for v in state.values())
+
+
+@pytest.mark.slow
+def test_same_seed_and_thread_count_rerun_bit_identically_and_deterministic_pins_the_threads(tmp_path):
+    """What README "Reproducibility" states: one machine, same threads -> identical; the thread count
+    changes the numbers; ``deterministic.enabled`` fixes it whatever the launcher's cpus_per_task."""
+    sets = ["--set", "data.dataset=digits", "model.width=8", "model.small_stem=true", "method.queue_size=128",
+            "optim.epochs=1", "optim.batch_size=64", "tracking.enabled=false", "log_every=1000",
+            "ft.positive.mode=extrapolate", "ft.negative.mode=interpolate"]
+
+    def run(out: str, threads: int, *extra: str) -> bytes:
+        cmd = [sys.executable, "-m", "ftcl.cli", "pretrain", "--out", str(tmp_path / out), *sets, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return _backbone_bytes(tmp_path / out)
+
+    assert run("a", 1) == run("b", 1)
+    assert run("c", 2) != run("a", 1)  # another thread count: other float reduction orders
+    pinned = ("deterministic.enabled=true", "deterministic.threads=1")
+    assert run("d", 2, *pinned) == run("a", 1)

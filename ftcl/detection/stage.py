@@ -29,7 +29,7 @@ from typing import Any
 from torchvision.models.detection import FasterRCNN
 
 from ftcl import checkpoint as ckpt
-from ftcl import config
+from ftcl import config, determinism
 from ftcl.config import Config, ConfigError
 from ftcl.data import detection as ddata
 from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -171,6 +171,7 @@ def fit_and_evaluate(job: DetectionJob, cfg: Mapping, det: Mapping[str, Any], ou
     from ftcl.train import select_device
 
     data, out, seed = job.data, Path(out), int(cfg["seed"])
+    determinism.apply(cfg)
     device = select_device(cfg["device"])
     log(f"[detect] {det['head']} head, init {det['init']}, norm {det['norm']}: {len(data.train)} training "
         f"/ {len(data.test)} test images, {len(data.classes)} classes, {det['iterations']} iterations of "

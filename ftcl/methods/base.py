@@ -57,6 +57,15 @@ class Method(nn.Module):
         """Called once after the optimiser step and the EMA update."""
 
 
+def fp32(x: Tensor):
+    """A block where autocast is off on ``x``'s device: the feature transform, the logits and the
+    loss run in float32 under bf16 mixed precision. The encoders' heavy layers keep autocast; the
+    B x K negative logits (K = 65536) would otherwise be a bf16 matmul (8-bit mantissa, scores
+    rounded to ~0.004) while the positives are float32 sums, and the scores the loss and the score
+    statistics see would differ in precision between the two sides."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.no_grad()
 def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
     """target <- m * target + (1 - m) * online for parameters (MoCo Eq. 2).

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftcl.methods.base import METHODS, Method, StepOutput
+from ftcl.methods.base import METHODS, Method, StepOutput, fp32
 from ftcl.models.heads import Encoder, ProjectionHead
 from ftcl.models.split_bn import convert_split_batchnorm, frozen_bn_statistics, split_shuffle
 from ftcl.transforms.fa import FeatureAugmentation, multi_positive_info_nce, weighted_mean
@@ -126,17 +126,18 @@ class MoCo(Method):
     def training_step(self, view1: Tensor, view2: Tensor, epoch: int, labels: Tensor | None = None) -> StepOutput:
         q = self.encoder_q(view1).float()
         k = self._keys(view2).float()
-        q_t, k_t, negatives = self.transform(q, k, self.queue, epoch)
-        pos = (q_t * k_t).sum(dim=1)
-        neg = q_t @ negatives.T
-        extra_pos = None
-        if self.fa.enabled:
-            extra_pos, extra_neg = self.fa.instance_discrimination(q_t, k_t, negatives)
-            neg = neg if extra_neg is None else torch.cat([neg, extra_neg], dim=1)
-        loss = info_nce(pos, neg, self.temperature)
-        if extra_pos is not None:
-            loss = weighted_mean(loss, multi_positive_info_nce(extra_pos, neg, self.temperature), self.fa.weight)
-            pos = torch.cat([pos, extra_pos.T.reshape(-1)])
+        with fp32(q):  # FT, the logits and the loss in float32, as the positives: see fp32()
+            q_t, k_t, negatives = self.transform(q, k, self.queue, epoch)
+            pos = (q_t * k_t).sum(dim=1)
+            neg = q_t @ negatives.T
+            extra_pos = None
+            if self.fa.enabled:
+                extra_pos, extra_neg = self.fa.instance_discrimination(q_t, k_t, negatives)
+                neg = neg if extra_neg is None else torch.cat([neg, extra_neg], dim=1)
+            loss = info_nce(pos, neg, self.temperature)
+            if extra_pos is not None:
+                loss = weighted_mean(loss, multi_positive_info_nce(extra_pos, neg, self.temperature), self.fa.weight)
+                pos = torch.cat([pos, extra_pos.T.reshape(-1)])
         if self.hsg is not None:
             loss = self.hsg.add_to(loss, view1, epoch, self._pair_loss)
         self._pending_keys = k
@@ -151,7 +152,8 @@ class MoCo(Method):
         q = self.encoder_q(x1).float()
         with frozen_bn_statistics(self.encoder_k):
             k = self._split_shuffled_keys(x2).float()
-        return info_nce((q * k).sum(dim=1), q @ self.queue.T, self.temperature)
+        with fp32(q):
+            return info_nce((q * k).sum(dim=1), q @ self.queue.T, self.temperature)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftcl.methods.base import METHODS, Method, StepOutput
+from ftcl.methods.base import METHODS, Method, StepOutput, fp32
 from ftcl.models.heads import Encoder, PredictionHead, ProjectionHead
 from ftcl.models.split_bn import convert_split_batchnorm
 from ftcl.transforms.fa import FeatureAugmentation, cosine, weighted_mean
@@ -98,7 +98,7 @@ class InstanceSimilarity(Method):
             pos += [e1, e2]
         if self.hsg is not None:
             loss = self.hsg.add_to(loss, view1, epoch, self._pair_loss)
-        with torch.no_grad():
+        with torch.no_grad(), fp32(p1):
             n1, n2 = F.normalize(p1, dim=1), F.normalize(p2, dim=1)
             neg = torch.cat([off_diagonal(n1 @ F.normalize(t2, dim=1).T),
                              off_diagonal(n2 @ F.normalize(t1, dim=1).T)])

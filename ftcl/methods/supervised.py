@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ftcl.errors import ConfigError
-from ftcl.methods.base import METHODS, Method, StepOutput
+from ftcl.methods.base import METHODS, Method, StepOutput, fp32
 from ftcl.methods.simsiam import off_diagonal
 from ftcl.models.split_bn import convert_split_batchnorm
 
@@ -45,7 +45,7 @@ class Supervised(Method):
             raise ValueError("the supervised method needs the batch's labels")
         f1, f2 = self.backbone(view1).float(), self.backbone(view2).float()
         loss = (F.cross_entropy(self.classifier(f1), labels) + F.cross_entropy(self.classifier(f2), labels)) / 2
-        with torch.no_grad():
+        with torch.no_grad(), fp32(f1):
             n1, n2 = F.normalize(f1, dim=1), F.normalize(f2, dim=1)
             pos = (n1 * n2).sum(dim=1)
             neg = off_diagonal(n1 @ n2.T)
