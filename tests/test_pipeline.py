@@ -113,6 +113,18 @@ def test_mlflow_holds_each_row_and_stage_with_metrics_and_score_distributions(ti
     assert len(by_key[(None, "aggregate")]) == 1  # tables and plots, logged by `ftcl aggregate`
 
 
+def test_snakemakes_own_report_holds_the_tables_and_plots_with_captions(tiny_run):
+    assert tiny_run.proc.returncode == 0
+    report = tiny_run.work / "snakemake-report.html"
+    proc = snakemake(tiny_run.work, tiny_run.config, "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text(errors="replace")
+    for caption in ("paired difference to", "Score curves during pretraining", "self-contained report"):
+        assert caption in text, caption
+    for name in ("ablation.md", "accuracy.png", "score_curves.png", "score_histograms.png", "report.html"):
+        assert name in text, name
+
+
 def test_an_unchanged_pipeline_or_new_launcher_settings_rerun_nothing(tiny_run):
     assert tiny_run.proc.returncode == 0
     proc = snakemake(tiny_run.work, tiny_run.config, "-n")
@@ -255,7 +267,7 @@ def test_the_lint_is_clean(tmp_path):
     assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-SHIPPED_CONFIGS = ["config.yaml", *sorted(f"paper/{p.name}" for p in (REPO / "config" / "paper").glob("*.yaml"))]
+SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO / "config")) for p in (REPO / "config").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
@@ -271,11 +283,14 @@ def test_every_shipped_config_plans_each_row_and_seed(tmp_path, name):
         detection["root"] = str(tmp_path / "voc")  # stands in for the user's VOCdevkit folder
         (tmp_path / "voc").mkdir()
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, cfg), "-n"))
-    rows = [row["name"] for row in cfg["ablations"]]
+    from ftcl import pipeline
+
+    rows = pipeline.load(cfg, check_paths=False).row_names  # grid rows expanded
     for stage in cfg["stages"]:
         assert sum(1 for rule, _ in jobs if rule == stage) == len(rows) * len(cfg["seeds"]), stage
     assert {row for _, row in jobs if row} == set(rows)
     assert sum(1 for row in cfg["ablations"] if row.get("baseline")) == 1
+    assert len(rows) >= len(cfg["ablations"])
     assert ("aggregate", None) in jobs
 
 
