@@ -16,7 +16,7 @@ def test_defaults_are_valid_and_overrides_apply_in_order(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("ft.positive.alpha=0", "'ft.positive.alpha' has value 0; it must be > 0"),
-    ("optim.epochs=-1", "'optim.epochs' has value -1; it must be >= 1"),
+    ("optim.epochs=-1", "'optim.epochs' has value -1; it must be >= 0"),
     ("data.dataset=mnist", "'data.dataset' has value 'mnist'; allowed: 'fashion-mnist'"),
     ("optim.batch_size=lots", "'optim.batch_size' has value 'lots' of type str; expected integer"),
     ("ft.positive.granularity=pixel", "allowed: 'iteration', 'sample', 'element'"),

@@ -73,7 +73,12 @@ def test_the_tiny_dag_runs_end_to_end_in_under_3_minutes(tiny_run):
         assert {f"{metric}_mean", f"{metric}_std", f"{metric}_delta"} <= set(table.columns)
         assert table[f"{metric}_mean"].between(0, 100).all()
     assert table["n_seeds"].tolist() == [1, 1]
-    assert table.set_index("row").loc["moco_v2", "linear_top1_delta"] == 0
+    by_row = table.set_index("row")
+    # the baseline is the reference: no delta of its own; +ft's delta refers to it (one seed: no interval)
+    assert pd.isna(by_row.loc["moco_v2", "reference"]) and pd.isna(by_row.loc["moco_v2", "linear_top1_delta"])
+    assert by_row.loc["+ft", "reference"] == "moco_v2"
+    assert by_row.loc["+ft", "linear_top1_delta"] == pytest.approx(
+        by_row.loc["+ft", "linear_top1_mean"] - by_row.loc["moco_v2", "linear_top1_mean"])
     assert "protocol" in table.columns
     for ext in ("md", "tex"):
         assert "+ft" in (tiny_run.exp_dir / "tables" / f"ablation.{ext}").read_text()
@@ -213,7 +218,7 @@ def _missing_dataset_root(cfg, tmp):
 
 
 def _bad_value(cfg, tmp):
-    cfg["ablations"][0]["overrides"]["optim.epochs"] = 0
+    cfg["ablations"][0]["overrides"]["optim.epochs"] = -1
     return ["ablation row 'moco_v2'", "'optim.epochs'"]
 
 

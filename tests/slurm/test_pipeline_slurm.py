@@ -120,8 +120,8 @@ def test_the_profile_resolves_at_the_repository_root_and_switches_stages_to_slur
     assert proc.returncode == 0, out
     assert "Using profile slurm for setting default command line arguments" in out
     for stage in ("pretrain", "linear", "knn"):
-        assert f"ftcl submit --launcher slurm --stage {stage} " in out  # printshellcmds, from the profile
-    assert "ftcl aggregate" in out and "ftcl submit --launcher slurm --stage aggregate" not in out
+        assert f"ftcl stage {stage} --launcher slurm " in out  # printshellcmds, from the profile
+    assert "ftcl aggregate" in out and "ftcl stage aggregate" not in out
     assert (REPO / "slurm" / "profile.yaml").resolve() == REPO / "workflow" / "profiles" / "slurm" / "profile.yaml"
 
 
@@ -136,8 +136,8 @@ def test_settings_in_the_profile_reach_ftcl_submit_with_their_types(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     # Snakemake hands a profile's config: over as text ('2', '1.5', 'True'); ftcl submit gets YAML values
-    pretrain = re.search(r"ftcl submit --launcher slurm --stage pretrain (.*?) --job-dir", out)[1]
-    linear = re.search(r"ftcl submit --launcher slurm --stage linear (.*?) --job-dir", out)[1]
+    pretrain = re.search(r"ftcl stage pretrain --launcher slurm (.*?) --run-dir", out)[1]
+    linear = re.search(r"ftcl stage linear --launcher slurm (.*?) --run-dir", out)[1]
     for option in ("'partition=\"debug\"'", "'account=\"lab\"'", "cpus_per_task=2", "mem_gb=1.5",
                    "additional_parameters.requeue=true"):
         assert option in pretrain and option in linear, (option, pretrain, linear)
@@ -160,7 +160,7 @@ def test_a_command_line_config_that_replaces_the_profiles_config_stops_the_pipel
                          "launcher={name: slurm, slurm: {partition: gpu, cpus_per_task: 2}}", timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "ftcl submit --launcher slurm --stage pretrain --option 'partition=\"gpu\"' --option cpus_per_task=2" in out
+    assert "ftcl stage pretrain --launcher slurm --option 'partition=\"gpu\"' --option cpus_per_task=2" in out
 
 
 # --------------------------------------------------------------------------- on the cluster
@@ -228,7 +228,7 @@ def test_every_stage_runs_as_a_slurm_job_and_the_tables_are_produced(pipeline_ru
             job_ids.add(job_id)
     assert len(job_ids) == 6
     # cheap rules ran here: no job folder, no SLURM job for them
-    assert sorted(p.name for p in (run.exp_dir / "logs" / "submitit").iterdir()) == ["knn", "linear", "pretrain"]
+    assert sorted(p.name for p in (run.exp_dir / "logs" / "submitit").iterdir()) == sorted(TINY["stages"])
     table = pd.read_csv(run.exp_dir / "tables" / "ablation.csv")
     assert table["row"].tolist() == ROWS
     assert table["linear_top1_mean"].between(0, 100).all() and table["knn_top1_mean"].between(0, 100).all()
@@ -347,7 +347,7 @@ def test_a_two_gpu_stage_trains_ddp_over_two_tasks_with_gloo_on_the_cpu(slurm_cl
     assert "pretrain: 2 tasks" in proc.stderr
     # CUDA_VISIBLE_DEVICES names the 2 fake GPUs, torch sees none: DDP over gloo on the CPU
     assert "visible GPUs: 0,1" in (tmp_path / "jobs" / f"{job_id}_0_log.out").read_text()
-    assert re.search(r"\[pretrain\] moco .* device cpu, world 2\)", log), log
+    assert re.search(r"\[pretrain\] moco .* device cpu, world 2, batch 64 = 2 x 32, BN in 1 sub-batch", log), log
     assert "[pretrain] epoch 2/2" in log and (tmp_path / "run" / "pretrain.json").is_file()
     assert "global_rank=1(2)" in (tmp_path / "jobs" / f"{job_id}_1_log.out").read_text()  # the second task
     assert slurm_cluster.wait_for_end(job_id) == "COMPLETED"
