@@ -16,7 +16,6 @@ the interval's lower bound clears it. ``--only a,b`` times a subset (moco is alw
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ftcl import config
+from ftcl.results.stats import ratio_interval
 from ftcl.scores import ScoreRecorder
 from ftcl.train import TrainStep
 
@@ -72,14 +72,6 @@ def _sync(device: torch.device) -> None:
 #: variant -> the lowest ratio to MoCo its goal allows (CPU demo model; the GPU goal is 0.98)
 GOALS = {"moco+ft": 0.97, "moco+ft+scores": 0.97}
 GPU_GOALS = {"moco+ft": 0.98, "moco+ft+scores": 0.98}
-
-
-def ratio_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Geometric mean of per-pair ratios and its Student t interval on the log ratios."""
-    from ftcl.results.stats import mean_interval
-
-    mean, low, high = mean_interval([math.log(r) for r in ratios], confidence)
-    return math.exp(mean), math.exp(low), math.exp(high)
 
 
 def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: torch.Tensor, data,

@@ -39,12 +39,12 @@ import PIL
 import torch
 import torchvision
 from PIL import Image, features
-from scipy import stats
 from torchvision import datasets, transforms
 
 from ftcl import config
 from ftcl.data.datasets import build_dataset
 from ftcl.data.jpeg import FastCrops, draft_reduction
+from ftcl.results.stats import ratio_interval
 
 # (width, height): share of files. Mostly ImageNet's 500 x 375 / 375 x 500, some other sizes.
 SIZES = {(500, 375): 48, (375, 500): 22, (500, 333): 8, (333, 500): 4, (500, 500): 4, (400, 300): 4,
@@ -125,16 +125,6 @@ def draft_share(root: Path, crop_scale: tuple[float, float]) -> float:
     return reduced / len(paths)
 
 
-def interval95(ratios: list[float]) -> tuple[float, float]:
-    """95 % interval of the ratio: Student's t on the log ratios (exp of mean +- t * s / sqrt(n))."""
-    logs = [math.log(r) for r in ratios]
-    if len(logs) < 2:
-        return float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    mean = statistics.fmean(logs)
-    return math.exp(mean - half), math.exp(mean + half)
-
-
 def measure(items: dict[str, Callable[[int], object]], n: int, pairs: int) -> dict[str, list[float]]:
     """images/s of each pipeline per round: ``pairs`` interleaved rounds after one warm-up pass."""
     names = list(items)
@@ -188,7 +178,7 @@ def jpeg_section(files: int = 200, pairs: int = 10, folder: str | None = None) -
           f"data: {info['files']} synthetic quality-{QUALITY} JPEGs, {info['share_500x375']:.0%} 500x375 or 375x500, "
           f"mean {info['mean_mpix']:.3f} Mpixel, {info['mean_kb']:.0f} KB; decode=fast decodes "
           f"{reduced:.0%} of the items at a DCT reduction\n"
-          f"{pairs} interleaved rounds (pairs) over all files; ratio = median of the per-round ratios to the "
+          f"{pairs} interleaved rounds over all files; ratio = geometric mean of the per-round ratios to the "
           f"reference, 95% interval from Student's t on the log ratios")
     ref = rates["reference"]
     out = {}
@@ -198,8 +188,7 @@ def jpeg_section(files: int = 200, pairs: int = 10, folder: str | None = None) -
     for name, values in rates.items():
         ips = statistics.median(values)
         ratios = [v / r for v, r in zip(values, ref)]
-        low, high = interval95(ratios) if name != "reference" else (1.0, 1.0)
-        ratio = statistics.median(ratios)
+        ratio, low, high = ratio_interval(ratios) if name != "reference" else (1.0, 1.0, 1.0)
         workers = math.ceil(TARGET_RATE / ips)
         shown = "1 (reference)" if name == "reference" else f"{ratio:.2f} [{low:.2f}, {high:.2f}]"
         print(f"| {name:<18} | {ips:>19.1f} | {shown:>33} | {workers:>26} |")

@@ -3,6 +3,7 @@ interval when seeds are unpaired, no interval below two seeds, checked by hand a
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
@@ -60,6 +61,16 @@ def test_the_mean_interval_is_scipys_t_interval():
     mean, low, high = stats.mean_interval(values)
     ref = sps.t.interval(0.95, len(values) - 1, loc=sum(values) / 4, scale=sps.sem(values))
     assert (low, high) == pytest.approx(ref, abs=1e-9) and mean == pytest.approx(sum(values) / 4)
+
+
+def test_a_timing_ratio_is_the_geometric_mean_of_the_pairs_with_a_t_interval_on_the_logs():
+    ratios = [0.9, 1.0, 1.1, 0.95]
+    logs = np.log(ratios)
+    half = sps.t.ppf(0.975, 3) * logs.std(ddof=1) / np.sqrt(4)
+    ratio, low, high = stats.ratio_interval(ratios)
+    assert ratio == pytest.approx(np.exp(logs.mean()))
+    assert (low, high) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    assert low < ratio < high and ratio != pytest.approx(np.mean(ratios))  # not the arithmetic mean
 
 
 def test_against_compares_every_row_with_one_reference_row():

@@ -47,6 +47,13 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
     return mean, mean - half, mean + half
 
 
+def ratio_interval(ratios: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """``(ratio, low, high)`` of paired timing ratios (benchmarks): the geometric mean of the per-pair
+    ratios and its Student t interval, computed on the log ratios and mapped back with exp."""
+    mean, low, high = mean_interval([math.log(r) for r in ratios], confidence)
+    return math.exp(mean), math.exp(low), math.exp(high)
+
+
 @dataclass(frozen=True)
 class Difference:
     """A row's difference to its reference for one metric (module docstring)."""
