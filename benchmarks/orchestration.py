@@ -7,6 +7,7 @@ its reference.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from ftcl import runfolders
+from ftcl.constants import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,18 +74,14 @@ def orchestration_overhead(tiny_config: Path = REPO / "config" / "tiny.yaml") ->
         stages = 0
         t_direct = 0.0
         ftcl = str(BIN / "ftcl")
-        for row_dir in sorted(p for p in exp_dir.iterdir() if (p / "seed0" / "config.yaml").exists()):
+        for row_dir in sorted(p for p in exp_dir.iterdir() if (p / "seed0" / runfolders.CONFIGS_DIR).is_dir()):
             for seed_dir in sorted(row_dir.glob("seed*")):
-                run_cfg = seed_dir / "config.yaml"
-                out = direct / row_dir.name / seed_dir.name
-                off = ["--set", "tracking.enabled=false"]
-                t_direct += _run([ftcl, "pretrain", "--config", str(run_cfg), *off,
-                                  "--out", str(out / "pretrain")], REPO)
-                stages += 1
-                for stage in ("linear", "knn"):
-                    if stage in cfg.get("stages", []):
-                        t_direct += _run([ftcl, stage, "--config", str(run_cfg), *off, "--checkpoint",
-                                          str(out / "pretrain"), "--out", str(out / stage)], REPO)
+                run_dir = direct / row_dir.name / seed_dir.name  # the same configs, a fresh run folder
+                shutil.copytree(seed_dir / runfolders.CONFIGS_DIR, run_dir / runfolders.CONFIGS_DIR)
+                for stage in STAGES:  # pretraining first, then its evaluations
+                    if stage in cfg["stages"]:
+                        command = runfolders.stage_command(stage, run_dir)
+                        t_direct += _run([ftcl, *command, "--set", "tracking.enabled=false"], REPO)
                         stages += 1
         t_aggregate = _run([ftcl, "aggregate", "--configfile", str(exp_dir / "pipeline.yaml"), "--no-mlflow"], REPO)
     return {"stages": stages, "pipeline_s": t_pipeline, "direct_s": t_direct + t_aggregate,
