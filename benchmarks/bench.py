@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ftcl import config
-from ftcl.results.stats import ratio_interval
+from ftcl.results.stats import goal_verdict, ratio_interval
 from ftcl.scores import ScoreRecorder
 from ftcl.train import TrainStep
 
@@ -197,8 +197,7 @@ def bench_methods_section(args: argparse.Namespace) -> None:
         mean, low, high = ratio_interval(r["ratios"])
         goal = ""
         if name in goals:
-            verdict = "met" if low >= goals[name] else ("not met" if high < goals[name] else "undecided")
-            goal = f">= {goals[name]}: {verdict} (lower bound {low:.3f})"
+            goal = f">= {goals[name]}: {goal_verdict(low, high, goals[name])} (lower bound {low:.3f})"
         print(f"{name:<18}{r['images_per_s']:>11.1f}  {f'{mean:.3f} [{low:.3f}, {high:.3f}]':<26}{goal}")
 
 if __name__ == "__main__":

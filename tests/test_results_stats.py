@@ -73,6 +73,13 @@ def test_a_timing_ratio_is_the_geometric_mean_of_the_pairs_with_a_t_interval_on_
     assert low < ratio < high and ratio != pytest.approx(np.mean(ratios))  # not the arithmetic mean
 
 
+def test_a_benchmark_goal_is_met_only_when_the_whole_interval_clears_it():
+    assert stats.goal_verdict(2.01, 2.10, 2.0) == "met"
+    assert stats.goal_verdict(1.84, 1.95, 2.0) == "not met"
+    assert stats.goal_verdict(1.95, 2.05, 2.0) == "undecided"  # the point estimate does not decide
+    assert stats.goal_verdict(0.97, 1.01, 0.97) == "met"  # the bound itself counts
+
+
 def test_against_compares_every_row_with_one_reference_row():
     frame = pd.DataFrame({"row": ["floor"] * 3 + ["moco"] * 3, "seed": [0, 1, 2] * 2,
                           "linear_top1": [60.0, 61.0, 59.0, 70.0, 71.5, 69.0], "knn_top1": [math.nan] * 6})

@@ -54,6 +54,12 @@ def ratio_interval(ratios: Sequence[float], confidence: float = CONFIDENCE) -> t
     return math.exp(mean), math.exp(low), math.exp(high)
 
 
+def goal_verdict(low: float, high: float, goal: float) -> str:
+    """A "ratio >= goal" benchmark goal against a ratio's interval ``[low, high]``: "met" when the whole
+    interval clears it, "not met" when the whole interval falls short, else "undecided"."""
+    return "met" if low >= goal else "not met" if high < goal else "undecided"
+
+
 @dataclass(frozen=True)
 class Difference:
     """A row's difference to its reference for one metric (module docstring)."""
