@@ -26,5 +26,5 @@ echo "[install] pip install -e .[test] into .venv (torch is large: a few minutes
 # deepforest ships real VOC-format annotations used by the detection tests; its own
 # dependencies (a full training stack) are not needed for that.
 .venv/bin/pip install -q --no-deps deepforest==2.1.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import ftcl, torch, torchvision, mlflow, snakemake, submitit" \
+.venv/bin/python -c "import ftcl, torch, torchvision, mlflow, snakemake, submitit, simplejpeg" \
   && echo "[install] done: .venv/bin/ftcl, .venv/bin/snakemake"

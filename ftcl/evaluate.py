@@ -29,7 +29,7 @@ def extract_features(backbone: nn.Module, dataset, device: torch.device, batch_s
     """Pooled backbone features (N x D, float32, on ``device``) and labels of ``dataset``."""
     backbone.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", collate_fn=dataset.collate)
     feats, labels = [], []
     for images, y in loader:
         x = normalize(images.to(device, non_blocking=True), dataset.mean, dataset.std)
@@ -124,7 +124,8 @@ def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: 
 def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torch.device, num_workers: int):
     """Per-epoch batches of features of RandomResizedCrop + flip views (the paper's protocol)."""
     loader = DataLoader(dataset, batch_size=ecfg["batch_size"], shuffle=True, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                        collate_fn=dataset.collate)
 
     def epoch_batches(_epoch: int):
         backbone.eval()

@@ -157,7 +157,7 @@ def _loader(dataset, cfg: Mapping, layout: BatchLayout, device: torch.device, se
     return DataLoader(
         dataset, batch_size=layout.per_process, shuffle=sampler is None, sampler=sampler,
         drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, generator=g,
+        persistent_workers=workers > 0, generator=g, collate_fn=dataset.collate,
     )
 
 

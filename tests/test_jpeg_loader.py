@@ -3,6 +3,7 @@ the reference path (``data.decode: pil``: PIL decode + torchvision RandomResized
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 from pathlib import Path
@@ -73,13 +74,13 @@ def test_crop_boxes_are_torchvision_draws_from_the_same_rng(jpeg_root):
         for path in sorted(jpeg_root.glob("train/*/*.jpg")):
             with Image.open(path) as img:
                 torch.manual_seed(7)
-                ours = crops.boxes(img)
+                ours = crops.boxes(*img.size)
                 after = torch.rand(1)
                 torch.manual_seed(7)
                 theirs = [rrc.get_params(img, rrc.scale, rrc.ratio) for _ in range(2)]
                 assert ours == theirs and torch.equal(after, torch.rand(1)), path
     with Image.open(jpeg_root / "train" / "c0" / "4.jpg") as img:  # 300 x 40 -> center-crop fallback
-        assert jpeg.FastCrops(SIZE, (0.9, 1.0)).boxes(img)[0] == (0, 123, 40, 53)  # 40 px high, ratio 4/3
+        assert jpeg.FastCrops(SIZE, (0.9, 1.0)).boxes(*img.size)[0] == (0, 123, 40, 53)  # 40 px high, ratio 4/3
 
 
 def test_items_use_the_reference_boxes_and_rng(jpeg_root):
@@ -101,7 +102,7 @@ def test_area_and_aspect_quantiles_match_random_resized_crop():
     img = Image.new("RGB", (500, 375))
     crops, rrc = jpeg.FastCrops(224, SCALE), transforms.RandomResizedCrop(224, scale=SCALE)
     torch.manual_seed(1)
-    ours = np.array([b for _ in range(500) for b in crops.boxes(img)], dtype=float)
+    ours = np.array([b for _ in range(500) for b in crops.boxes(*img.size)], dtype=float)
     torch.manual_seed(2)
     theirs = np.array([rrc.get_params(img, rrc.scale, rrc.ratio) for _ in range(1000)], dtype=float)
     q = [0.1, 0.25, 0.5, 0.75, 0.9]
@@ -114,12 +115,18 @@ def test_views_shape_dtype_and_differ(jpeg_root):
     torch.manual_seed(0)
     for i in range(len(fast)):
         views, label = fast[i]
-        assert views.shape == (2, 3, SIZE, SIZE) and views.dtype == torch.uint8 and views.is_contiguous()
+        assert views.shape == (2, 3, SIZE, SIZE) and views.dtype == torch.uint8
+        assert views.is_contiguous(memory_format=torch.channels_last)  # each view a packed S x S x 3 block
         # the 300 x 40 file has no 3/4..4/3 box of 20 % of its area: both views are the center crop
         assert torch.equal(views[0], views[1]) == (fast.paths[i].name == "4.jpg")
         assert label == fast.labels[i]
-    batch, labels = next(iter(DataLoader(fast, batch_size=4)))
-    assert batch.shape == (4, 2, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0, 0]
+    for workers in (0, 1):  # the collate runs in the worker process when there is one
+        batch, labels = next(iter(DataLoader(fast, batch_size=4, num_workers=workers, collate_fn=fast.collate)))
+        assert batch.shape == (4, 2, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0, 0]
+        assert batch.movedim(2, -1).is_contiguous()  # stacked as packed S x S x 3 views, no transpose
+    items = [fast[i] for i in range(4)]
+    batch, labels = fast.collate(items)
+    assert torch.equal(batch, torch.stack([x for x, _ in items])) and labels.tolist() == [0, 0, 0, 0]
     assert pickle.loads(pickle.dumps(fast)).paths == fast.paths  # spawned workers get it too
 
 
@@ -136,7 +143,7 @@ def test_crop_matches_a_full_resolution_pil_crop_of_the_same_box(jpeg_root, name
         views = crops(path)
         torch.manual_seed(seed)
         with Image.open(path) as img:
-            boxes = crops.boxes(img)
+            boxes = crops.boxes(*img.size)
         reductions.add(jpeg.draft_reduction(boxes, SIZE))
         for view, (top, left, h, w) in zip(views, boxes):
             expected = full.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
@@ -144,6 +151,66 @@ def test_crop_matches_a_full_resolution_pil_crop_of_the_same_box(jpeg_root, name
             assert mad(view, expected) < (1.5 if jpeg.draft_reduction(boxes, SIZE) > 1 else 0.5)
     # 640 x 480: always decoded at 1/4 or 1/8; 160 x 120 and 120 x 160: at 1/2 and at full size
     assert reductions == ({4, 8} if name == "2.jpg" else {1, 2})
+
+
+def pil_draft(data: bytes, reduction: int) -> np.ndarray:
+    """PIL's decode of a JPEG at 1/``reduction`` size (``draft``), as RGB."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (img.size[0] // reduction, img.size[1] // reduction))
+    return np.asarray(img.convert("RGB"))
+
+
+def test_turbojpeg_decodes_bit_identically_to_pil(jpeg_root):
+    """The fast path's decodes (TurboJPEG) are PIL's pixels exactly, at full size and at 1/2, 1/4 and
+    1/8 DCT scaling: baseline, progressive, 4:4:4 and greyscale files; CMYK and non-JPEG files are
+    left to PIL."""
+    for path in sorted(jpeg_root.glob("train/*/*.jpg")):
+        data = path.read_bytes()
+        if path.name == "cmyk.jpg":
+            assert jpeg.turbo_size(data) is None
+            continue
+        size = jpeg.turbo_size(data)
+        assert size == load_rgb(path).size[::-1]
+        for reduction in (1, 2, 4, 8):
+            assert np.array_equal(jpeg.turbo_decode(data, size, reduction), pil_draft(data, reduction)), path
+    img = load_rgb(jpeg_root / "train" / "c0" / "2.jpg")
+    for options in ({"progressive": True}, {"subsampling": 0}, {"quality": 75}):
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", **options)
+        data = buffer.getvalue()
+        for reduction in (1, 2):
+            decoded = jpeg.turbo_decode(data, jpeg.turbo_size(data), reduction)
+            assert np.array_equal(decoded, pil_draft(data, reduction)), (options, reduction)
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert jpeg.turbo_size(png.getvalue()) is None
+
+
+def test_jpeg_with_a_recoverable_libjpeg_warning_is_decoded_as_pil_decodes_it(tmp_path, jpeg_root):
+    """libjpeg's "corrupt data: extraneous bytes" is a warning that PIL (the reference) decodes
+    through; TurboJPEG's strict mode rejects the file, so the fast path hands it to PIL."""
+    for split in ("train", "val"):
+        (tmp_path / split / "c0").mkdir(parents=True)
+    good = (jpeg_root / "train" / "c0" / "0.jpg").read_bytes()
+    start_of_scan = good.index(b"\xff\xda")
+    path = tmp_path / "train" / "c0" / "extra_bytes.jpg"
+    path.write_bytes(good[:start_of_scan] + b"\x00\x00\x00" + good[start_of_scan:])
+    assert jpeg.turbo_size(path.read_bytes()) is None
+    fast, ref = pair(tmp_path, "pretrain")
+    torch.manual_seed(0)
+    a = fast[0][0]
+    torch.manual_seed(0)
+    assert mad(a, ref[0][0]) < 1.0
+
+
+def test_box_sampler_survives_pickling():
+    """Spawned loader workers get a copy: same draws after a pickle round trip."""
+    sampler = jpeg.BoxSampler(SCALE)
+    copy = pickle.loads(pickle.dumps(sampler))
+    torch.manual_seed(5)
+    a = [sampler.box(375, 500) for _ in range(5)]
+    torch.manual_seed(5)
+    assert a == [copy.box(375, 500) for _ in range(5)]
 
 
 def test_pixels_without_arrow_give_the_same_items(jpeg_root, monkeypatch):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
 from ftcl.data.jpeg import DECODE_ERRORS, DEFAULT_DECODE, FastCrops, cannot_decode, check_decode
@@ -71,6 +71,7 @@ class ImageSet(Dataset):
     (LongTensor, N), ``mean``/``std`` (per channel, in [0, 1] units, for normalisation) and
     ``crops_on_device`` (True: items are whole ``C x S x S`` images that ``views.TwoViews`` crops
     on the device; False: items of mode ``pretrain`` are already two crops, ``2 x C x S x S``).
+    Loaders batch items with :meth:`collate` (the default collate unless a subclass knows better).
     """
 
     def __init__(
@@ -94,6 +95,11 @@ class ImageSet(Dataset):
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    @staticmethod
+    def collate(batch: list) -> Any:
+        """The loader's ``collate_fn``: torch's default (a contiguous stack)."""
+        return default_collate(batch)
 
 
 class TensorImageSet(ImageSet):
@@ -149,6 +155,15 @@ class FolderImageSet(ImageSet):
         path = self.paths[index]
         image = self.reader(path) if self.reader is not None else self.transform(load_rgb(path))
         return image, int(self.labels[index])
+
+    def collate(self, batch: list) -> Any:
+        """Items of the fast path have channels-last strides (:class:`~ftcl.data.jpeg.FastCrops`):
+        stacked as packed ``... x S x S x C`` blocks (a copy, not a transpose; in shared memory in a
+        worker, as the default collate does) and handed on with the same strides."""
+        if self.reader is None:
+            return default_collate(batch)
+        images, labels = default_collate([(image.movedim(-3, -1), label) for image, label in batch])
+        return images.movedim(-1, -3), labels
 
 
 def build_dataset(
