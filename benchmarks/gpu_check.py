@@ -48,7 +48,7 @@ def loader_images_per_s(root: Path, workers: int, batches: int = 12) -> float:
     cfg = config.resolve(overrides={"data.dataset": "imagefolder", "data.root": str(root), "data.image_size": 224})
     data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
     loader = DataLoader(data, batch_size=256, shuffle=True, num_workers=workers, pin_memory=True,
-                        persistent_workers=True, drop_last=True, prefetch_factor=4)
+                        persistent_workers=True, drop_last=True, prefetch_factor=4, collate_fn=data.collate)
     it = iter(loader)
     next(it)  # workers started, first batch in
     start, n = time.perf_counter(), 0
@@ -98,7 +98,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "imagefolder"
         stats = write_folder(root, args.files)
-        stats = f"{stats['files']} files, {stats['mean_kb']:.0f} KB mean"
+        from ftcl.data import jpeg as fast_path
+
+        decoder = "TurboJPEG" if fast_path.simplejpeg is not None else "PIL: simplejpeg is not installed"
+        stats = f"{stats['files']} files, {stats['mean_kb']:.0f} KB mean, decoder {decoder}"
         workers = os.cpu_count() or 1
         rate = loader_images_per_s(root, workers)
         step_line = next((s for s in summary if s[0] == "methods, eager"), ("", "", ""))[1]

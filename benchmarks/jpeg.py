@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import PIL
-import simplejpeg
 import torch
 import torchvision
 from PIL import Image, features
@@ -142,6 +141,8 @@ def decode_floor(root: Path, repeats: int = 3) -> dict[str, float]:
     """ms per file (best of ``repeats`` passes) of decoding alone: PIL full size (as the reference
     reads a file), TurboJPEG full size (the fast path) and TurboJPEG at a 1/8 DCT scaling (little
     left but entropy decoding, which every decode of the file pays)."""
+    import simplejpeg  # here, not at the top: gpu_check.py imports write_folder where it may be missing
+
     files = [path.read_bytes() for path in sorted(root.glob("train/*/*.jpg"))]
     sizes = [simplejpeg.decode_jpeg_header(data)[:2] for data in files]
     ways = {

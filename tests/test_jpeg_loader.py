@@ -213,6 +213,16 @@ def test_box_sampler_survives_pickling():
     assert a == [copy.box(375, 500) for _ in range(5)]
 
 
+def test_without_simplejpeg_pil_decodes_and_the_items_are_the_same(jpeg_root, monkeypatch):
+    fast, _ = pair(jpeg_root, "pretrain")
+    torch.manual_seed(4)
+    turbo = [fast[i][0] for i in range(len(fast))]
+    monkeypatch.setattr(jpeg, "simplejpeg", None)
+    assert jpeg.turbo_size((jpeg_root / "train" / "c0" / "0.jpg").read_bytes()) is None
+    torch.manual_seed(4)
+    assert all(torch.equal(a, fast[i][0]) for i, a in enumerate(turbo))
+
+
 def test_pixels_without_arrow_give_the_same_items(jpeg_root, monkeypatch):
     fast, _ = pair(jpeg_root, "pretrain")
     torch.manual_seed(3)

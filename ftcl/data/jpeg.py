@@ -65,12 +65,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow
-import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ftcl.errors import CorruptImageError
+
+try:  # a declared dependency; without it (e.g. a bare GPU machine's Python) every file goes to PIL
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    simplejpeg = None
 
 DECODE_MODES = ("fast", "pil")
 DEFAULT_DECODE = "fast"
@@ -127,8 +131,9 @@ def _pixels(img: Image.Image) -> torch.Tensor:
 
 def turbo_size(data: bytes) -> tuple[int, int] | None:
     """``(height, width)`` of a JPEG that :func:`turbo_decode` may decode (a YCbCr or greyscale
-    JPEG whose header TurboJPEG reads), else None: the file goes to PIL."""
-    if not data.startswith(JPEG_SOI):
+    JPEG whose header TurboJPEG reads), else None: the file goes to PIL (so does every file when
+    ``simplejpeg`` is not installed)."""
+    if simplejpeg is None or not data.startswith(JPEG_SOI):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
