@@ -252,6 +252,8 @@ def test_eval_aug_crops_and_flips_as_the_reference(jpeg_root):
         assert mad(a, b) < 3.0 and mad(a, b) <= mad(a, b.flip(-1))  # the same flip draw
         flipped += mad(a, b.flip(-1)) > mad(a, b) + 1
     assert flipped  # flips happen and differ from the unflipped view
+    batch, _ = next(iter(DataLoader(fast, batch_size=4, collate_fn=fast.collate)))
+    assert batch.shape == (4, 3, SIZE, SIZE) and batch.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_png_and_odd_modes_fall_back_to_plain_decoding(tmp_path, jpeg_root):
