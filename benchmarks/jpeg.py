@@ -47,7 +47,7 @@ from torchvision import datasets, transforms
 
 from ftcl import config
 from ftcl.data.datasets import build_dataset
-from ftcl.data.jpeg import FastCrops, draft_reduction
+from ftcl.data.jpeg import FastCrops, draft_reduction, turbo_decode, turbo_size
 from ftcl.results.stats import goal_verdict, ratio_interval
 
 # (width, height): share of files. Mostly ImageNet's 500 x 375 / 375 x 500, some other sizes.
@@ -139,18 +139,14 @@ def draft_share(root: Path, crop_scale: tuple[float, float]) -> float:
 
 def decode_floor(root: Path, repeats: int = 3) -> dict[str, float]:
     """ms per file (best of ``repeats`` passes) of decoding alone: PIL full size (as the reference
-    reads a file), TurboJPEG full size (the fast path) and TurboJPEG at a 1/8 DCT scaling (little
-    left but entropy decoding, which every decode of the file pays)."""
-    import simplejpeg  # here, not at the top: gpu_check.py imports write_folder where it may be missing
-
+    reads a file) and, with the fast path's own decoder (absent without ``simplejpeg``), TurboJPEG at
+    full size and at a 1/8 DCT scaling (little left but entropy decoding, which every decode pays)."""
     files = [path.read_bytes() for path in sorted(root.glob("train/*/*.jpg"))]
-    sizes = [simplejpeg.decode_jpeg_header(data)[:2] for data in files]
-    ways = {
-        "PIL": lambda data, size: Image.open(io.BytesIO(data)).convert("RGB"),
-        "TurboJPEG": lambda data, size: simplejpeg.decode_jpeg(data, colorspace="RGB"),
-        "TurboJPEG 1/8": lambda data, size: simplejpeg.decode_jpeg(
-            data, colorspace="RGB", min_height=-(-size[0] // 8), min_width=-(-size[1] // 8)),
-    }
+    sizes = [turbo_size(data) for data in files]
+    ways = {"PIL": lambda data, size: Image.open(io.BytesIO(data)).convert("RGB")}
+    if all(sizes):
+        ways["TurboJPEG"] = lambda data, size: turbo_decode(data, size)
+        ways["TurboJPEG 1/8"] = lambda data, size: turbo_decode(data, size, 8)
     out = {}
     for name, decode in ways.items():
         best = math.inf
@@ -238,9 +234,10 @@ def jpeg_section(files: int = 200, pairs: int = 10, folder: str | None = None) -
     fast = out["ftcl decode=fast"]
     print(f"goal: decode=fast at least {GOAL:g}x the reference per worker: "
           f"{goal_verdict(fast['low'], fast['high'], GOAL)} (interval [{fast['low']:.2f}, {fast['high']:.2f}])")
-    print(f"decoding alone, ms per file (best of 3 passes): PIL {floor['PIL']:.2f}, "
-          f"TurboJPEG {floor['TurboJPEG']:.2f}, TurboJPEG at 1/8 scale {floor['TurboJPEG 1/8']:.2f} "
-          f"(mostly entropy decoding, which every decode pays); "
+    turbo = (f"TurboJPEG {floor['TurboJPEG']:.2f}, TurboJPEG at 1/8 scale {floor['TurboJPEG 1/8']:.2f} "
+             f"(mostly entropy decoding, which every decode pays)" if "TurboJPEG" in floor
+             else "TurboJPEG not measured (simplejpeg is not installed)")
+    print(f"decoding alone, ms per file (best of 3 passes): PIL {floor['PIL']:.2f}, {turbo}; "
           f"reference {1e3 / out['reference']['images_per_s']:.2f} and decode=fast "
           f"{1e3 / fast['images_per_s']:.2f} ms per item")
     out["decode_ms"] = floor

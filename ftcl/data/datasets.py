@@ -161,7 +161,7 @@ class FolderImageSet(ImageSet):
         stacked as packed ``... x S x S x C`` blocks (a copy, not a transpose; in shared memory in a
         worker, as the default collate does) and handed on with the same strides."""
         if self.reader is None:
-            return default_collate(batch)
+            return super().collate(batch)
         images, labels = default_collate([(image.movedim(-3, -1), label) for image, label in batch])
         return images.movedim(-1, -3), labels
 

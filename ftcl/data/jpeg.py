@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching in the tes
 
 DECODE_MODES = ("fast", "pil")
 DEFAULT_DECODE = "fast"
-DRAFT_REDUCTIONS = (8, 4, 2)  # the DCT scalings PIL's JPEG draft mode offers (1/8, 1/4, 1/2)
+DRAFT_REDUCTIONS = (8, 4, 2)  # the DCT scalings taken (1/8, 1/4, 1/2): libjpeg's SIMD ones, PIL's draft ones
 # what PIL raises on a file it cannot read or decode (a truncated file, a non-image, a bomb)
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 # Pillow exports an image's pixel memory as an Arrow array (RGB as 4 bytes a pixel) since 11.2
