@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  pkgs="dataset-fashion-mnist"
+  # libjpeg62-turbo-dev: headers for the C extension ftcl.data._jpegregion (the JPEG region decoder)
+  pkgs="dataset-fashion-mnist libjpeg62-turbo-dev"
   [ "${FTCL_TEST_DEPS:-0}" = 1 ] && pkgs="$pkgs chromium"
   missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then
@@ -28,3 +29,5 @@ echo "[install] pip install -e .[test] into .venv (torch is large: a few minutes
 .venv/bin/pip install -q --no-deps deepforest==2.1.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import ftcl, torch, torchvision, mlflow, snakemake, submitit, simplejpeg" \
   && echo "[install] done: .venv/bin/ftcl, .venv/bin/snakemake"
+# optional: without a C compiler or libjpeg-turbo's headers the JPEG fast path decodes whole files
+.venv/bin/python -c "from ftcl.data.jpeg import decoder; print('[install] JPEG decoder (data.decode: fast):', decoder())"
