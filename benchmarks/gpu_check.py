@@ -100,8 +100,7 @@ def main() -> int:
         stats = write_folder(root, args.files)
         from ftcl.data import jpeg as fast_path
 
-        decoder = "TurboJPEG" if fast_path.simplejpeg is not None else "PIL: simplejpeg is not installed"
-        stats = f"{stats['files']} files, {stats['mean_kb']:.0f} KB mean, decoder {decoder}"
+        stats = f"{stats['files']} files, {stats['mean_kb']:.0f} KB mean, decoder {fast_path.decoder()}"
         workers = os.cpu_count() or 1
         rate = loader_images_per_s(root, workers)
         step_line = next((s for s in summary if s[0] == "methods, eager"), ("", "", ""))[1]
