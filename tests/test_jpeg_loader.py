@@ -233,8 +233,9 @@ def test_the_region_decoder_is_built():
 
 
 def variants(img: Image.Image) -> dict[str, bytes]:
-    """The same picture as a baseline 4:2:0, 4:2:2, 4:4:4, progressive, quality-75 and greyscale JPEG."""
-    out = {}
+    """The same picture as a baseline 4:2:0, 4:2:2, 4:4:4, 4:4:0, 4:1:1, progressive, quality-75 and
+    greyscale JPEG (4:4:0 and 4:1:1, which Pillow does not write, by libjpeg-turbo through simplejpeg)."""
+    out = {sub: jpeg.simplejpeg.encode_jpeg(np.asarray(img), 90, "RGB", sub) for sub in ("440", "411")}
     for name, image, options in (("420", img, {}), ("422", img, {"subsampling": 1}), ("444", img, {"subsampling": 0}),
                                  ("progressive", img, {"progressive": True}), ("q75", img, {"quality": 75}),
                                  ("gray", img.convert("L"), {})):
