@@ -7,14 +7,20 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # libjpeg62-turbo-dev: headers for the C extension ftcl.data._jpegregion (the JPEG region decoder)
-  pkgs="dataset-fashion-mnist libjpeg62-turbo-dev"
+  pkgs="dataset-fashion-mnist"
   [ "${FTCL_TEST_DEPS:-0}" = 1 ] && pkgs="$pkgs chromium"
   missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then
     echo "[install] apt-get install $missing"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+  # optional: libjpeg-turbo's headers for the C extension ftcl.data._jpegregion (the JPEG region
+  # decoder; libjpeg-dev is libjpeg-turbo's on Debian and Ubuntu); without them the build skips it
+  if ! dpkg -s libjpeg-dev >/dev/null 2>&1; then
+    echo "[install] apt-get install libjpeg-dev (optional)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        libjpeg-dev >/dev/null; } || echo "[install] libjpeg-dev not installed: imagefolder JPEGs will be decoded whole"
   fi
 elif [ ! -d /usr/share/datasets/fashion-mnist ]; then
   echo "[install] not root: install Debian's dataset-fashion-mnist yourself, or set data.root to a folder"

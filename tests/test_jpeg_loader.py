@@ -229,7 +229,10 @@ def test_the_region_decoder_is_built():
     assert jpeg._jpegregion is not None, (
         "ftcl.data._jpegregion is not built: install gcc and libjpeg-turbo's headers (Debian: "
         "libjpeg62-turbo-dev), then pip install -e . again")
-    assert jpeg._jpegregion.LIBJPEG_TURBO_VERSION >= 2000000
+    assert jpeg._jpegregion.LIBJPEG_TURBO_VERSION >= 2001000
+
+
+region_decoder = pytest.mark.skipif(jpeg._jpegregion is None, reason="ftcl.data._jpegregion is not built")
 
 
 def variants(img: Image.Image) -> dict[str, bytes]:
@@ -245,6 +248,7 @@ def variants(img: Image.Image) -> dict[str, bytes]:
     return out
 
 
+@region_decoder
 def test_region_decode_is_the_whole_decode_inside_the_region():
     """Every pixel the views read from a region decode (rows [top, bottom), columns [left, right),
     decoded one column wider on each side) is the whole-file decode's pixel, at full size and at every
@@ -265,6 +269,7 @@ def test_region_decode_is_the_whole_decode_inside_the_region():
                     name, reduction, (top, bottom, left, right))
 
 
+@region_decoder
 def test_region_decoder_refuses_what_it_does_not_decode(jpeg_root):
     good = (jpeg_root / "train" / "c0" / "0.jpg").read_bytes()
     cmyk = (jpeg_root / "train" / "c1" / "cmyk.jpg").read_bytes()
@@ -275,12 +280,15 @@ def test_region_decoder_refuses_what_it_does_not_decode(jpeg_root):
     assert decode(warning, 1, 0, 10, 0, 10) is None  # any libjpeg warning: the whole-file path decides
     assert decode(good[: len(good) // 2] + jpeg.JPEG_EOI, 1, 0, 120, 0, 160) is None  # runs out of data
     assert jpeg.region_decode(good[:-2], 1, (0, 10, 0, 10)) is None  # no EOI marker: not even tried
-    with pytest.raises(ValueError, match="not inside the 120x160 image"):
+    with pytest.raises(ValueError, match=r"not inside the 160 x 120 \(width x height\) image"):
         decode(good, 1, 0, 121, 0, 10)
+    with pytest.raises(ValueError, match=r"rows \[5, 5\) x columns \[0, 10\) is empty or negative"):
+        decode(good, 1, 5, 5, 0, 10)
     with pytest.raises(ValueError, match="reduction must be 1, 2, 4 or 8"):
         decode(good, 3, 0, 10, 0, 10)
 
 
+@region_decoder
 @pytest.mark.parametrize("mode", ["pretrain", "eval_aug"])
 def test_items_are_the_same_with_and_without_the_region_decoder(jpeg_root, monkeypatch, mode):
     """Region decoding changes no pixel of any item. Items decoded at a DCT reduction are decoded whole
@@ -302,21 +310,26 @@ def test_items_are_the_same_with_and_without_the_region_decoder(jpeg_root, monke
         assert all(torch.equal(a, fast[i][0]) for i, a in enumerate(items[seed])), seed
 
 
-def test_a_truncated_jpeg_fails_even_when_its_views_lie_in_the_part_that_is_there(tmp_path):
+@region_decoder
+def test_a_truncated_jpeg_fails_even_when_its_views_lie_in_the_part_that_is_there(tmp_path, monkeypatch):
     """The region decoder stops below the views' last row, so it would not notice a file cut short
-    below them; such files (no EOI marker) are decoded whole and fail as the reference path fails."""
-    for split in ("train", "val"):
-        (tmp_path / split / "c0").mkdir(parents=True)
+    below them (shown directly); such files (no EOI marker) are decoded whole and fail as the
+    reference path fails, whatever the boxes."""
     buffer = io.BytesIO()
     photo(320, 480, 3).save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
-    path = tmp_path / "train" / "c0" / "cut.jpg"
+    path = tmp_path / "cut.jpg"
     path.write_bytes(data[: int(len(data) * 0.95)])
-    fast = build_dataset(cfg(tmp_path, decode="fast"), "train", "pretrain", SCALE)
+    assert jpeg._jpegregion.decode(path.read_bytes(), 1, 0, 16, 0, 16) is not None
+    crops = jpeg.FastCrops(224, SCALE)  # 224 px views of a 320 x 480 image: never DCT-scaled, so regions
+    windows = []
+    window = jpeg.region_window
+    monkeypatch.setattr(jpeg, "region_window", lambda *args: windows.append(window(*args)) or windows[-1])
     for seed in range(10):
         torch.manual_seed(seed)
         with pytest.raises(CorruptImageError, match="cannot decode image file .*cut.jpg"):
-            fast[0]
+            crops(path)
+    assert len(windows) == 10 and None not in windows  # every item asked for a region
 
 
 def test_pixels_without_arrow_give_the_same_items(jpeg_root, monkeypatch):

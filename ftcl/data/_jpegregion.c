@@ -11,7 +11,8 @@
  * What is saved against a whole decode: rows above `top` are entropy-decoded only
  * (jpeg_skip_scanlines: no IDCT, upsampling or colour conversion), rows below `bottom` are not
  * read at all (the decode stops there), and columns outside the iMCU-aligned range get no IDCT,
- * upsampling or colour conversion (jpeg_crop_scanline).
+ * upsampling or colour conversion (jpeg_crop_scanline). A progressive (multi-scan) file is
+ * entropy-decoded whole by jpeg_start_decompress, so there only IDCT and colour conversion are saved.
  *
  * Pixels: the same settings as Pillow's decoder and TurboJPEG's (accurate integer DCT, fancy
  * upsampling), so a pixel equals the whole decode's pixel EXCEPT in the first and last column of
@@ -19,9 +20,10 @@
  * column more on each side than they use (the Python side does; the test checks the identity).
  *
  * None when the file is not a YCbCr or greyscale JPEG, or when libjpeg reports any error or
- * warning (strict, like TurboJPEG's strict mode): the caller then decodes the whole file another
- * way, which also reports truncated or corrupt files as the reference path does.
- * The GIL is released while scanlines are decoded.
+ * warning (strict, like TurboJPEG's strict mode) in what it reads: the caller then decodes the
+ * whole file another way. Damage below `bottom` (e.g. a file cut short there) goes unnoticed, as
+ * those bytes are never read: the caller only passes files that end with the EOI marker.
+ * The GIL is released while libjpeg works.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,8 +31,10 @@
 #include <stdio.h>
 #include <jpeglib.h>
 
-#if !defined(LIBJPEG_TURBO_VERSION_NUMBER) || LIBJPEG_TURBO_VERSION_NUMBER < 2000000
-#error "needs libjpeg-turbo >= 2.0 (jpeg_skip_scanlines, jpeg_crop_scanline); without it ftcl decodes whole files"
+/* 2.1: jpeg_skip_scanlines and jpeg_crop_scanline with the fixes of 2.0.x (4:4:0 upsampling rounding,
+   progressive block smoothing, skip bugs) that make a region's pixels the whole decode's */
+#if !defined(LIBJPEG_TURBO_VERSION_NUMBER) || LIBJPEG_TURBO_VERSION_NUMBER < 2001000
+#error "needs libjpeg-turbo >= 2.1 (jpeg_skip_scanlines, jpeg_crop_scanline); without it ftcl decodes whole files"
 #endif
 
 typedef struct {
@@ -56,22 +60,30 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         PyBuffer_Release(&data);
         return PyErr_Format(PyExc_ValueError, "reduction must be 1, 2, 4 or 8, got %d", reduction);
     }
+    if (top < 0 || left < 0 || bottom <= top || right <= left) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "region rows [%d, %d) x columns [%d, %d) is empty or negative", top,
+                            bottom, left, right);
+    }
     struct jpeg_decompress_struct cinfo;
     strict_error_mgr err;
     PyObject *volatile pixels = NULL;
-    PyThreadState *volatile released = NULL;
+    PyThreadState *volatile released = NULL; /* non-NULL while the GIL is released */
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = fail;
     err.pub.emit_message = on_message;
-    jpeg_create_decompress(&cinfo);
-    if (setjmp(err.jump)) {
+    if (setjmp(err.jump)) { /* any libjpeg error or warning, from jpeg_create_decompress on */
         if (released)
             PyEval_RestoreThread(released);
-        jpeg_destroy_decompress(&cinfo);
+        jpeg_destroy_decompress(&cinfo); /* safe: jpeg_create_decompress clears cinfo.mem first */
         PyBuffer_Release(&data);
         Py_XDECREF(pixels);
         Py_RETURN_NONE;
     }
+    /* header, and for progressive (multi-scan) files the whole file's entropy decoding, in
+       jpeg_start_decompress: without the GIL */
+    released = PyEval_SaveThread();
+    jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
     jpeg_read_header(&cinfo, TRUE);
     if (cinfo.jpeg_color_space != JCS_YCbCr && cinfo.jpeg_color_space != JCS_GRAYSCALE)
@@ -81,21 +93,29 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     cinfo.do_fancy_upsampling = TRUE;
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)reduction;
-    jpeg_start_decompress(&cinfo);
-    if (top < 0 || left < 0 || bottom <= top || right <= left || (JDIMENSION)bottom > cinfo.output_height ||
-        (JDIMENSION)right > cinfo.output_width) {
+    jpeg_calc_output_dimensions(&cinfo);
+    JDIMENSION out_width = cinfo.output_width, out_height = cinfo.output_height;
+    if ((JDIMENSION)bottom > out_height || (JDIMENSION)right > out_width) {
         jpeg_destroy_decompress(&cinfo);
+        PyEval_RestoreThread(released);
         PyBuffer_Release(&data);
-        return PyErr_Format(PyExc_ValueError, "region rows [%d, %d) x columns [%d, %d) is not inside the %ux%u image",
-                            top, bottom, left, right, cinfo.output_height, cinfo.output_width);
+        return PyErr_Format(PyExc_ValueError,
+                            "region rows [%d, %d) x columns [%d, %d) is not inside the %u x %u (width x height) image",
+                            top, bottom, left, right, out_width, out_height);
     }
+    jpeg_start_decompress(&cinfo);
     JDIMENSION x0 = (JDIMENSION)left, width = (JDIMENSION)(right - left);
-    if (width < cinfo.output_width)
+    if (width < out_width)
         jpeg_crop_scanline(&cinfo, &x0, &width);
     else
-        x0 = 0, width = cinfo.output_width;
-    size_t stride = (size_t)width * 3;
-    pixels = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(stride * (size_t)(bottom - top)));
+        x0 = 0, width = out_width;
+    size_t stride = (size_t)width * 3, rows = (size_t)(bottom - top);
+    PyEval_RestoreThread(released);
+    released = NULL;
+    if (rows > (size_t)PY_SSIZE_T_MAX / stride)
+        pixels = PyErr_NoMemory();
+    else
+        pixels = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(stride * rows));
     if (!pixels) {
         jpeg_destroy_decompress(&cinfo);
         PyBuffer_Release(&data);
@@ -109,10 +129,9 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         JSAMPROW row = out + stride * (cinfo.output_scanline - (JDIMENSION)top);
         jpeg_read_scanlines(&cinfo, &row, 1);
     }
-    jpeg_abort_decompress(&cinfo); /* the rows below are not needed */
+    jpeg_destroy_decompress(&cinfo); /* without jpeg_finish_decompress: the rows below are not needed */
     PyEval_RestoreThread(released);
     released = NULL;
-    jpeg_destroy_decompress(&cinfo);
     PyBuffer_Release(&data);
     return Py_BuildValue("Nii", pixels, (int)x0, (int)width);
 }

@@ -19,19 +19,22 @@ What :class:`FastCrops` does per file, and why (chosen by measurement, ``benchma
    chroma upsampling (fancy) as Pillow's decoder, so the pixels are bit-identical to PIL's (tested,
    at full size and at every DCT scaling):
 
-   * at full size, by the C extension ``ftcl.data._jpegregion`` (libjpeg-turbo's scanline API,
-     built at install): rows above the views' bounding rectangle are only entropy-decoded, rows
-     below it are not read, and columns outside it get no IDCT, upsampling or colour conversion
-     (:func:`region_window`, :func:`region_decode`; one extra column each side, where fancy
-     upsampling would otherwise differ). 2.0-2.1 ms per item of the benchmark's set, against 2.4 ms for
-     the whole file with TurboJPEG and 2.9 ms with PIL (open + decode) here. A file that does not
-     end with the EOI marker (e.g. truncated) is decoded whole, so that it fails as in the reference;
+   * at full size, by the C extension ``ftcl.data._jpegregion`` (libjpeg-turbo >= 2.1's scanline
+     API, built at install): rows above the views' bounding rectangle are only entropy-decoded, rows
+     below it are not read (a progressive file is entropy-decoded whole), and columns outside it get
+     no IDCT, upsampling or colour conversion (:func:`region_window`, :func:`region_decode`; one
+     extra column each side, where fancy upsampling would otherwise differ). What the fast path
+     decodes takes 2.0-2.1 ms per item of the benchmark's set, against 2.4 ms for the whole file
+     with TurboJPEG and 2.8 ms with PIL (open + decode) here. A file that does not end with the
+     EOI marker (e.g. truncated) is decoded whole, so that it fails as in the reference;
    * whole, by libjpeg-turbo's TurboJPEG interface (``simplejpeg``) at a DCT scaling (step 3), or
      where the extension is not built.
 
-   A file libjpeg reports any warning for (e.g. its recoverable "corrupt data" warnings; both
-   decoders are strict), a CMYK JPEG and every non-JPEG file (e.g. PNG) are decoded by PIL instead,
-   as the reference path decodes them.
+   A file libjpeg reports any warning for in what it reads (e.g. its recoverable "corrupt data"
+   warnings; both decoders are strict), a CMYK JPEG and every non-JPEG file (e.g. PNG) are decoded
+   by PIL instead, as the reference path decodes them. (Damage in the entropy data below the views'
+   rows is never read by a region decode; PIL, which decodes through such damage, gives those views
+   the same pixels.)
 3. A JPEG is decoded with libjpeg's DCT scaling at the largest reduction r in 1/2, 1/4, 1/8 that
    still leaves every view's box at least S pixels high and wide (box side / r >= S); the views are
    then resampled from the reduced image with PIL's antialiased bilinear resize of the scaled
@@ -210,7 +213,8 @@ def region_decode(data: bytes, reduction: int, window: tuple[int, int, int, int]
     JPEG decoded at 1/``reduction`` (``window``, e.g. from :func:`region_window`) by the C extension
     ``ftcl.data._jpegregion`` (libjpeg-turbo's scanline skip and crop, same DCT and upsampling as
     :func:`turbo_decode`): ``(pixels, top, x0)``, a packed ``rows x columns x 3`` uint8 array and the
-    position of its corner in the scaled image. Its pixels are the whole decode's (tested). None
+    position of its corner in the scaled image. Its pixels are the whole decode's (tested) except in
+    its first and last column (fancy upsampling; :data:`UPSAMPLE_MARGIN`). None
     when there is no window, the extension is not built, the file does not end with the EOI marker (truncated, or bytes
     after the image: the whole-file decode then reports or reads it as before), or libjpeg reports
     any error or warning."""
