@@ -24,8 +24,8 @@ What :class:`FastCrops` does per file, and why (chosen by measurement, ``benchma
      below it are not read (a progressive file is entropy-decoded whole), and columns outside it get
      no IDCT, upsampling or colour conversion (:func:`region_window`, :func:`region_decode`; one
      extra column each side, where fancy upsampling would otherwise differ). What the fast path
-     decodes takes 2.0-2.1 ms per item of the benchmark's set, against 2.4 ms for the whole file
-     with TurboJPEG and 2.8 ms with PIL (open + decode) here. A file that does not end with the
+     decodes takes 1.9-2.1 ms per item of the benchmark's set, against 2.2-2.4 ms for the whole
+     file with TurboJPEG and 2.6-2.9 ms with PIL (open + decode) here. A file that does not end with the
      EOI marker (e.g. truncated) is decoded whole, so that it fails as in the reference;
    * whole, by libjpeg-turbo's TurboJPEG interface (``simplejpeg``) at a DCT scaling (step 3), or
      where the extension is not built.
@@ -55,7 +55,7 @@ into a batch with the same strides (torch's default collate would transpose them
 the training step reads either layout.
 
 Where the time goes on typical ImageNet files (about 500 x 375, decoded at full size at S = 224):
-decoding is the floor, 2.0-2.1 ms of the 3.5-3.7 ms an item takes here, and most of it is entropy
+decoding is the floor, 1.9-2.1 ms of the 3.2-3.7 ms an item takes here, and most of it is entropy
 decoding, which every decode pays down to the views' last row (a 1/8-scaled decode of the whole
 file takes 1.5 ms); the rest is the two crops' resize (about 0.33 ms each, plus 0.05 ms to copy
 each crop) and the box draws. Also measured
