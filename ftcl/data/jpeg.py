@@ -25,8 +25,8 @@ What :class:`FastCrops` does per file, and why (chosen by measurement, ``benchma
      no IDCT, upsampling or colour conversion (:func:`region_window`, :func:`region_decode`; one
      extra column each side, where fancy upsampling would otherwise differ). What the fast path
      decodes takes 1.9-2.1 ms per item of the benchmark's set, against 2.2-2.4 ms for the whole
-     file with TurboJPEG and 2.6-2.9 ms with PIL (open + decode) here. A file that does not end with the
-     EOI marker (e.g. truncated) is decoded whole, so that it fails as in the reference;
+     file with TurboJPEG and 2.6-2.9 ms with PIL (open + decode) here. A file that does not end
+     with the EOI marker (e.g. truncated) is decoded whole, so that it fails as in the reference;
    * whole, by libjpeg-turbo's TurboJPEG interface (``simplejpeg``) at a DCT scaling (step 3), or
      where the extension is not built.
 
@@ -57,8 +57,8 @@ the training step reads either layout.
 Where the time goes on typical ImageNet files (about 500 x 375, decoded at full size at S = 224):
 decoding is the floor, 1.9-2.1 ms of the 3.2-3.7 ms an item takes here, and most of it is entropy
 decoding, which every decode pays down to the views' last row (a 1/8-scaled decode of the whole
-file takes 1.5 ms); the rest is the two crops' resize (about 0.33 ms each, plus 0.05 ms to copy
-each crop) and the box draws. Also measured
+file takes 1.4-1.5 ms); the rest is the two crops' resize (about 0.33 ms each, plus 0.05-0.06 ms to
+copy each crop) and the box draws. Also measured
 and not taken: libjpeg's M/8 scalings other than 1/2, 1/4, 1/8 (no SIMD IDCT: 5/8 .. 7/8 decode
 slower than full size); ``torchvision.io.decode_jpeg`` (bit-identical, 2.5 ms, and deprecated in
 torchvision 0.29 in favour of TorchCodec); libjpeg's fast chroma upsampling (no faster here, and
@@ -196,8 +196,8 @@ def region_window(boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, i
 
     None at a DCT reduction (> 1), where the file is decoded whole: there the views are PIL resizes
     of fractional boxes, and PIL's result depends on more than the pixels it reads (measured: with
-    the same box and pixels, an image cut a few rows or columns beyond everything the filter reads
-    moved up to a quarter of a view's values by a grey level), so a region would change the views."""
+    the same box and pixels, an image cut rows or columns beyond everything the filter reads moved
+    up to a quarter of a view's values by a grey level), so a region would change the views."""
     if reduction != 1:
         return None
     top = min(t for t, _, _, _ in boxes)
@@ -214,10 +214,10 @@ def region_decode(data: bytes, reduction: int, window: tuple[int, int, int, int]
     ``ftcl.data._jpegregion`` (libjpeg-turbo's scanline skip and crop, same DCT and upsampling as
     :func:`turbo_decode`): ``(pixels, top, x0)``, a packed ``rows x columns x 3`` uint8 array and the
     position of its corner in the scaled image. Its pixels are the whole decode's (tested) except in
-    its first and last column (fancy upsampling; :data:`UPSAMPLE_MARGIN`). None
-    when there is no window, the extension is not built, the file does not end with the EOI marker (truncated, or bytes
-    after the image: the whole-file decode then reports or reads it as before), or libjpeg reports
-    any error or warning."""
+    its first and last column (fancy upsampling; :data:`UPSAMPLE_MARGIN`). None when there is no
+    window, the extension is not built, the file does not end with the EOI marker (truncated, or
+    bytes after the image: the whole-file decode then reports or reads it as before), or libjpeg
+    reports any error or warning."""
     if window is None or _jpegregion is None or not data.endswith(JPEG_EOI):
         return None
     top, bottom, left, right = window
