@@ -55,7 +55,7 @@ into a batch with the same strides (torch's default collate would transpose them
 the training step reads either layout.
 
 Where the time goes on typical ImageNet files (about 500 x 375, decoded at full size at S = 224):
-decoding is the floor, 1.9-2.1 ms of the 3.2-3.7 ms an item takes here, and most of it is entropy
+decoding is the floor, 1.9-2.1 ms of the 3.2-3.8 ms an item takes here, and most of it is entropy
 decoding, which every decode pays down to the views' last row (a 1/8-scaled decode of the whole
 file takes 1.4-1.5 ms); the rest is the two crops' resize (about 0.33 ms each, plus 0.05-0.06 ms to
 copy each crop) and the box draws. Also measured
