@@ -47,7 +47,7 @@ from torchvision import datasets, transforms
 
 from ftcl import config
 from ftcl.data.datasets import build_dataset
-from ftcl.data.jpeg import FastCrops, decoder, draft_reduction, region_decode, region_window, turbo_decode, turbo_size
+from ftcl.data.jpeg import FastCrops, decode_for_views, decoder, draft_reduction, turbo_decode, turbo_size
 from ftcl.results.stats import goal_verdict, ratio_interval
 
 # (width, height): share of files. Mostly ImageNet's 500 x 375 / 375 x 500, some other sizes.
@@ -149,13 +149,11 @@ def decode_floor(root: Path, crop_scale: tuple[float, float], repeats: int = 3) 
     if all(sizes):
         crops = FastCrops(VIEW_SIZE, crop_scale)
         torch.manual_seed(0)
-        boxes = [crops.boxes(size[1], size[0]) for size in sizes]
-        plans = [(draft_reduction(b, VIEW_SIZE), b, size) for b, size in zip(boxes, sizes)]
-        plans = [(r, region_window(b, size, r)) for r, b, size in plans]
+        plans = [crops.boxes(size[1], size[0]) for size in sizes]
         ways["TurboJPEG"] = lambda data, size, _: turbo_decode(data, size)
         ways["TurboJPEG 1/8"] = lambda data, size, _: turbo_decode(data, size, 8)
-        ways["fast path"] = lambda data, size, plan: (region_decode(data, *plan)
-                                                      or turbo_decode(data, size, plan[0]))
+        ways["fast path"] = lambda data, size, boxes: decode_for_views(data, size, boxes,
+                                                                       draft_reduction(boxes, VIEW_SIZE))
     else:
         plans = [None] * len(files)
     out = {}

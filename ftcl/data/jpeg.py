@@ -228,6 +228,19 @@ def region_decode(data: bytes, reduction: int, window: tuple[int, int, int, int]
     return np.frombuffer(buffer, np.uint8).reshape(bottom - top, columns, 3), top, x0
 
 
+def decode_for_views(data: bytes, size: tuple[int, int], boxes: Sequence[tuple[int, int, int, int]],
+                     reduction: int) -> tuple[np.ndarray, int, int] | None:
+    """What :class:`FastCrops` decodes of a YCbCr or greyscale JPEG of ``size`` ``(height, width)``
+    for views of the full-resolution ``boxes`` at 1/``reduction``: ``(pixels, top, left)``, the
+    region they read (:func:`region_decode`) or else the whole image (:func:`turbo_decode`, corner
+    ``(0, 0)``); None when TurboJPEG refuses the file too (PIL then decodes it)."""
+    region = region_decode(data, reduction, region_window(boxes, size, reduction))
+    if region is not None:
+        return region
+    pixels = turbo_decode(data, size, reduction)
+    return None if pixels is None else (pixels, 0, 0)
+
+
 class BoxSampler:
     """torchvision's ``RandomResizedCrop.get_params`` for a given image size, draw for draw: the
     same torch RNG calls in the same order (``uniform_`` for the area share and the log aspect
@@ -316,13 +329,8 @@ class FastCrops:
         draws = self.boxes(size[1], size[0])
         boxes = [d[:4] for d in draws]
         reduction = draft_reduction(boxes, self.size) if img is None or img.format == "JPEG" else 1
-        pixels, top, left = None, 0, 0
-        if img is None:  # a YCbCr or greyscale JPEG: only the region the views read, else the whole file
-            region = region_decode(data, reduction, region_window(boxes, size, reduction))
-            if region is not None:
-                pixels, top, left = region
-            else:
-                pixels = turbo_decode(data, size, reduction)
+        decoded = decode_for_views(data, size, boxes, reduction) if img is None else None
+        pixels, top, left = decoded if decoded is not None else (None, 0, 0)
         if pixels is None:  # not for TurboJPEG, or TurboJPEG refused it
             img = self._pil_decode(path, data, img, reduction)
         elif reduction > 1:
