@@ -181,3 +181,30 @@ def test_disabled_hsg_adds_no_parameters():
 
 def test_one_epoch_of_moco_with_hsg_on_digits(tmp_path):
     check_smoke_run(tmp_path, smoke_cfg(**{"hsg.enabled": True, "hsg.generator.width": 8}))
+
+
+def _bn_statistics(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every BatchNorm running statistic and batch counter of ``module``."""
+    return {k: v.clone() for k, v in module.named_buffers() if "running_" in k or "num_batches_tracked" in k}
+
+
+@pytest.mark.parametrize("name,networks", [("moco", ("encoder_q", "encoder_k")),
+                                           ("byol", ("encoder", "predictor", "target")),
+                                           ("simsiam", ("encoder", "predictor"))])
+def test_generated_pairs_leave_every_running_statistic_to_the_real_views(name, networks):
+    """A step with HSG moves the BatchNorm statistics exactly as the same step's real views alone do."""
+    method = tiny(name, **{"model.head": "mlp_bn"})  # BatchNorm in the heads and predictors too
+    real_only = tiny(name, **{"model.head": "mlp_bn"})
+    real_only.hsg = None
+    views = torch.randn(2, 8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = _bn_statistics(method)
+    assert before.keys() == _bn_statistics(real_only).keys()
+    for m in (method, real_only):
+        torch.manual_seed(1)  # the same key shuffle for the real views
+        m.training_step(*views, epoch=0)
+    with_hsg, without = _bn_statistics(method), _bn_statistics(real_only)
+    for network in networks:
+        keys = [k for k in before if k.startswith(f"{network}.")]
+        assert keys and any(not torch.equal(before[k], without[k]) for k in keys)  # the real views do update them
+        changed = [k for k in keys if not torch.equal(with_hsg[k], without[k])]
+        assert not changed, f"{name}: generated pairs changed {len(changed)} buffers of {network}: {changed[:3]}"

@@ -5,7 +5,8 @@ copy of the online one updated only by EMA, ``xi <- tau xi + (1 - tau) theta`` (
 ``tau = method.momentum`` (constant; the loop's generic EMA via ``momentum_pairs``). Loss (Eq. 2,
 symmetrised as in Sec. 3.1): ``sum over both directions of mean_b (2 - 2 cos(p_b, t_b))``, i.e. the
 squared distance of the L2-normalised prediction and target; 0 when aligned, at most 8.
-Shared machinery, score recording, FA and HSG: ``ftcl/methods/simsiam.py``.
+Shared machinery, score recording, FA and HSG (generated pairs update the BatchNorm running
+statistics of neither the online nor the target network): ``ftcl/methods/simsiam.py``.
 """
 
 from __future__ import annotations

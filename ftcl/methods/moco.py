@@ -7,7 +7,9 @@ feature augmentation (``ftcl/transforms/fa.py``) and hard sample generation
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -40,14 +42,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-@torch.no_grad()
-def gather_all(x: Tensor) -> Tensor:
-    """Concatenate ``x`` from every process (no gradient); identity when not distributed."""
+def gather_all(x: Tensor, grad: bool = False) -> Tensor:
+    """Concatenate ``x`` from every process; identity when not distributed.
+
+    Without ``grad`` no gradient flows. With it the gather is autograd-aware: the backward pass sums
+    the gradients every process computed for the rows of the gathered tensor and hands each process
+    those of its own ``x``, so a sample's gradient reaches the process it came from."""
     if not _distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    if grad:
+        # imported here: the module needs a distributed build; its all_gather is deprecated in favour of
+        # functional collectives whose autograd support needs torch >= 2.6, while this project supports 2.4
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+            return torch.cat(all_gather(x))
+    with torch.no_grad():
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
 
 
 @METHODS.register("moco")
@@ -68,7 +82,8 @@ class MoCo(Method):
     ``fa.weight``; the recorded scores are all those of the loss (``pos``: B originals then B x
     copies augmented; ``neg``: the K originals then the augmented ones). With ``hsg.enabled`` the
     loss of a generated pair, ``_pair_loss``, joins the same way (``HardSampleGenerator.add_to``);
-    generated keys are never enqueued.
+    generated keys get the same Shuffle-BN as real ones but are never enqueued, and generated
+    images update no BatchNorm running statistic of either encoder.
     """
 
     def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1):
@@ -97,28 +112,32 @@ class MoCo(Method):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder_q, self.encoder_k)]
 
-    @torch.no_grad()
-    def _keys(self, view: Tensor) -> Tensor:
-        """Keys of ``view``, computed with Shuffle-BN when ``shuffle_bn``: across processes under
-        DDP, and across the split BatchNorm's sub-batches within a process."""
-        if not self.shuffle_bn:
-            return self.encoder_k(view)
-        if not _distributed():
-            return self._split_shuffled_keys(view)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        full = gather_all(view)
-        perm = torch.randperm(full.shape[0], device=view.device)
-        dist.broadcast(perm, src=0)
-        local = perm.view(world, -1)[rank]
-        keys = self._split_shuffled_keys(full[local])
-        keys_all = gather_all(keys)
-        unshuffle = torch.argsort(perm).view(world, -1)[rank]
-        return keys_all[unshuffle]
+    def _keys(self, view: Tensor, grad: bool = False) -> Tensor:
+        """Keys of ``view`` in its order, computed with Shuffle-BN when ``shuffle_bn`` (MoCo Sec. 3.3).
+
+        Under DDP the batch is gathered from every process and permuted with a permutation broadcast
+        from rank 0; each process computes the keys of its slice of the permuted batch, and the keys
+        are gathered and unshuffled. Within a process the split BatchNorm's sub-batches are shuffled
+        too (:meth:`_split_shuffled_keys`). ``grad``: keep the graph to ``view`` (generated keys, so
+        the generators learn; the key encoder's weights never require a gradient); the gathers are
+        then autograd-aware (:func:`gather_all`), so each process's ``view`` receives the gradient of
+        its own samples' keys wherever they were computed. Without ``grad`` nothing is recorded."""
+        with nullcontext() if grad else torch.no_grad():
+            if not self.shuffle_bn:
+                return self.encoder_k(view)
+            if not _distributed():
+                return self._split_shuffled_keys(view)
+            world, rank = dist.get_world_size(), dist.get_rank()
+            full = gather_all(view, grad)
+            perm = torch.randperm(full.shape[0], device=view.device)
+            dist.broadcast(perm, src=0)
+            keys = gather_all(self._split_shuffled_keys(full[perm.view(world, -1)[rank]]), grad)
+            return keys[torch.argsort(perm).view(world, -1)[rank]]
 
     def _split_shuffled_keys(self, view: Tensor) -> Tensor:
-        """Keys in the order of ``view``, each computed in another BN sub-batch than its query
-        (no shuffle without ``shuffle_bn`` or with one sub-batch)."""
-        if not self.shuffle_bn or self.bn_splits == 1:
+        """Keys in the order of ``view``, each computed in another BN sub-batch than its query (no
+        shuffle with one sub-batch)."""
+        if self.bn_splits == 1:
             return self.encoder_k(view)
         perm = split_shuffle(view.shape[0], self.bn_splits, view.device)
         return self.encoder_k(view[perm])[torch.argsort(perm)]  # row perm[p] of the output is row p
@@ -146,12 +165,14 @@ class MoCo(Method):
     def _pair_loss(self, x1: Tensor, x2: Tensor) -> Tensor:
         """InfoNCE of a generated pair: f_q(x1) against f_k(x2) and the queue. The key encoder's
         weights get no gradient (they do not require it) but its input does, so both generators
-        learn. The generated keys are computed with Shuffle-BN like real ones, and without
-        updating the key encoder's BatchNorm running statistics: those describe the key encoder
-        on real views only (as the EMA copy of the query encoder it is)."""
-        q = self.encoder_q(x1).float()
-        with frozen_bn_statistics(self.encoder_k):
-            k = self._split_shuffled_keys(x2).float()
+        learn. The generated keys go through the same Shuffle-BN as real ones (``_keys``: across
+        processes under DDP, the gradient returning to the process each sample came from). Both
+        encoders normalise the generated batches with their own batch statistics but update no
+        BatchNorm running statistic or counter: the query encoder's are the ones evaluated and the
+        key encoder's those of the query encoder's EMA copy, both describing real views only."""
+        with frozen_bn_statistics(self.encoder_q, self.encoder_k):
+            q = self.encoder_q(x1).float()
+            k = self._keys(x2, grad=True).float()
         with fp32(q):
             return info_nce((q * k).sum(dim=1), q @ self.queue.T, self.temperature)
 

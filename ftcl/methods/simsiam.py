@@ -22,7 +22,8 @@ have no temperature: ``temperature`` = 1, so the exp statistics are exp(s).
 
 Feature augmentation (``fa.*``, placements ``basic`` / ``serial`` / ``parallel``) and hard sample
 generation (``hsg.*``) compose as in MoCo, their terms joining the loss as a weighted mean
-``(L + w L_extra) / (1 + w)``; see ``ftcl/transforms/fa.py`` and ``hsg.py``.
+``(L + w L_extra) / (1 + w)``; see ``ftcl/transforms/fa.py`` and ``hsg.py``. As in MoCo, generated
+pairs update no BatchNorm running statistic (of the online network, the predictor or BYOL's target).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from ftcl.methods.base import METHODS, Method, StepOutput, fp32
 from ftcl.models.heads import Encoder, PredictionHead, ProjectionHead
-from ftcl.models.split_bn import convert_split_batchnorm
+from ftcl.models.split_bn import convert_split_batchnorm, frozen_bn_statistics
 from ftcl.transforms.fa import FeatureAugmentation, cosine, weighted_mean
 from ftcl.transforms.hsg import HardSampleGenerator, input_channels
 
@@ -106,8 +107,12 @@ class InstanceSimilarity(Method):
 
     def _pair_loss(self, x1: Tensor, x2: Tensor) -> Tensor:
         """The method's own loss on a generated pair (gradient reaches the generated images
-        through the online and, for BYOL, the target network)."""
-        _, _, p1, p2, t1, t2 = self._forward(x1, x2, input_grad=True)
+        through the online and, for BYOL, the target network). Every BatchNorm (online encoder,
+        predictor, BYOL's target) normalises the generated batches with their own statistics but
+        updates no running statistic or counter: those, evaluated on the online backbone, describe
+        real views only."""
+        with frozen_bn_statistics(self):
+            _, _, p1, p2, t1, t2 = self._forward(x1, x2, input_grad=True)
         return self.distance(cosine(p1, t2)) + self.distance(cosine(p2, t1))
 
 

@@ -141,10 +141,11 @@ def split_shuffle(batch_size: int, num_splits: int, device: torch.device | str,
 
 
 @contextmanager
-def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
-    """Within the block, ``module``'s BatchNorm layers normalise with batch statistics (in training
-    mode) without updating their running statistics or batch counters."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the BatchNorm layers of ``modules`` normalise with batch statistics (in
+    training mode) without updating their running statistics or batch counters."""
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:

@@ -58,7 +58,19 @@ Each sample of the pair is then augmented again (``hsg.reaugment``: a RandomResi
 ``hsg.crop_scale`` + horizontal flip, batched and differentiable, ``ftcl.data.views.crop_flip``),
 goes through the reversal layer, and the method computes its own loss on the pair (MoCo: InfoNCE of
 f_q(a) against f_k(b) and the queue; BYOL / SimSiam: their symmetric loss), with no gradient to
-the key / target network's weights but to its input, so both generators learn.
+the key / target network's weights but to its input, so both generators learn. MoCo's generated
+keys get the Shuffle-BN of its real keys (MoCo Sec. 3.3): under DDP the generated batch is gathered
+from every process, shuffled across them and the keys gathered back with autograd-aware collectives,
+so each process's generators receive the gradient of their own samples' keys wherever they were
+computed.
+
+**BatchNorm statistics.** The paper treats generated pairs as extra samples of the contrastive loss;
+nothing in it asks the evaluated network's statistics to describe generated images. So generated
+batches are normalised with their own batch statistics (training mode) but update no BatchNorm
+running statistic or batch counter of any of the method's networks (query / online encoder,
+predictor, MoCo's key encoder, BYOL's target): the running statistics that the linear probe, kNN and
+detection evaluate describe real augmented views only. The generated pass still shapes the
+encoder's weights through the loss.
 
 All noise is drawn on the images' device.
 """
