@@ -104,13 +104,17 @@ def batch_layout(cfg: Mapping, world: int = 1) -> BatchLayout:
 def learning_rate(cfg: Mapping, epoch: int, it: int, iters: int) -> float:
     """lr at iteration ``it`` of ``epoch``: linear scaling with the global batch
     (lr_per_256 * optim.batch_size / 256, whatever the number of processes), linear warm-up,
-    then cosine per epoch down to ``eta_min = lr * eta_min_ratio`` (MoCo v2 / FT schedule)."""
+    then per epoch: ``cosine`` down to ``eta_min = lr * eta_min_ratio`` (MoCo v2 / FT schedule),
+    ``step``: ``lr * gamma ** (number of milestones <= epoch)`` (MoCo v1's ``main_moco.py``,
+    milestones 120 and 160), or ``constant``."""
     o = cfg["optim"]
     base = o["lr_per_256"] * o["batch_size"] / 256
     if epoch < o["warmup_epochs"]:
         return base * (epoch * iters + it + 1) / (o["warmup_epochs"] * iters)
     if o["schedule"] == "constant":
         return base
+    if o["schedule"] == "step":
+        return base * o["gamma"] ** sum(epoch >= m for m in o["milestones"])
     eta_min = base * o["eta_min_ratio"]
     span = max(1, o["epochs"] - o["warmup_epochs"])
     return eta_min + (base - eta_min) * 0.5 * (1 + math.cos(math.pi * (epoch - o["warmup_epochs"]) / span))

@@ -160,3 +160,15 @@ def test_same_seed_and_thread_count_rerun_bit_identically_and_deterministic_pins
     assert run("c", 2) != run("a", 1)  # another thread count: other float reduction orders
     pinned = ("deterministic.enabled=true", "deterministic.threads=1")
     assert run("d", 2, *pinned) == run("a", 1)
+
+
+def test_step_schedule_multiplies_the_lr_by_gamma_from_each_milestone_on():
+    """MoCo v1's main_moco.py: lr x 0.1 from (0-based) epoch 120 and again from 160, constant within an epoch."""
+    from ftcl.train import learning_rate
+
+    cfg = config.resolve(overrides={"optim.schedule": "step", "optim.milestones": [120, 160], "optim.gamma": 0.1,
+                                    "optim.epochs": 200, "optim.lr_per_256": 0.03})
+    lrs = {(e, it): learning_rate(cfg, e, it, 10) for e in (0, 119, 120, 159, 160, 199) for it in (0, 9)}
+    assert lrs[(0, 0)] == lrs[(119, 9)] == pytest.approx(0.03)
+    assert lrs[(120, 0)] == lrs[(159, 9)] == pytest.approx(0.003)
+    assert lrs[(160, 0)] == lrs[(199, 9)] == pytest.approx(0.0003)
