@@ -102,12 +102,15 @@ def _evaluate(args: argparse.Namespace, stage: str) -> int:
         tracker.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("eval.", "data.", "seed"))})
         result = linear_probe(backbone, cfg, device) if stage == "linear" else knn_eval(backbone, cfg, device)
         result = {**result, "checkpoint": str(path), "pretrain_epochs": state["epoch"]}
-        tracker.log_metrics({f"{stage}/{k}": v for k, v in result.items() if k.startswith("top")},
-                            step=state["epoch"])
+        tracker.log_metrics({f"{stage}/{k}": v for k, v in result.items()
+                             if k.startswith("top") and isinstance(v, int | float)}, step=state["epoch"])
         tracker.log_params({f"protocol.{k}": v for k, v in result["protocol"].items()})
         write_result(result, args.out / f"{stage}.json")
         tracker.log_artifact(args.out / f"{stage}.json")
-    accs = " ".join(f"{k} {v:.2f}" for k, v in result.items() if k.startswith("top"))
+    accs = " ".join(f"{k} {v:.2f}" for k, v in result.items() if k in ("top1", "top5"))
+    if stage == "linear":
+        accs += (f" ({result['protocol']['report']} epoch; best {result['top1_best']:.2f} "
+                 f"at epoch {result['best_epoch']})")
     print(f"[{stage}] {accs} -> {args.out / f'{stage}.json'}")
     return 0
 

@@ -4,14 +4,16 @@ kNN (Wu et al., CVPR 2018, Sec. 3.4): cosine similarity to the training features
 nearest neighbours votes for its class with weight exp(s / T).
 Linear probe (MoCo protocol): a linear classifier on frozen, pooled backbone features, SGD with
 lr 30, weight decay 0, cosine or step schedule; either on precomputed features (no augmentation,
-fast) or on RandomResizedCrop + flip views recomputed every epoch (the paper's protocol).
+fast) or on RandomResizedCrop + flip views recomputed every epoch (the paper's protocol). The test
+set is evaluated after every epoch, as MoCo's ``main_lincls.py`` validates; the result holds the
+last and the best epoch's accuracy and reports the one ``eval.linear.report`` names.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -91,11 +93,12 @@ def feature_batches(features: Tensor, labels: Tensor, batch_size: int, gen: torc
 
 
 def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: torch.device,
-                 echo=print, seed: int = 0) -> nn.Linear:
+                 echo=print, seed: int = 0, on_epoch: Callable[[int, nn.Linear], None] | None = None) -> nn.Linear:
     """Fit a linear classifier with SGD + momentum (MoCo's linear protocol).
 
     ``batches(epoch)`` yields ``(features, labels)`` mini-batches for one epoch: precomputed
-    features (``feature_batches``) or features of freshly augmented views.
+    features (``feature_batches``) or features of freshly augmented views. ``on_epoch(epoch, clf)``
+    runs after every epoch (the validation of MoCo's ``main_lincls.py``).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     clf = nn.Linear(in_dim, num_classes).to(device)
@@ -115,10 +118,31 @@ def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: 
             opt.step()
             total += loss.detach() * y.shape[0]
             n += y.shape[0]
+        if on_epoch is not None:
+            on_epoch(epoch, clf)
         if (epoch + 1) % max(1, ecfg["epochs"] // 10) == 0 or epoch + 1 == ecfg["epochs"]:
             echo(f"[linear] epoch {epoch + 1}/{ecfg['epochs']} loss {total.item() / max(n, 1):.4f} "
                  f"lr {opt.param_groups[0]['lr']:.4g} ({time.perf_counter() - t0:.1f} s)")
     return clf
+
+
+#: which epoch's accuracy a linear probe reports (``eval.linear.report``)
+LINEAR_REPORTS = ("last", "best")
+
+
+def linear_result(curve: Sequence[Mapping[str, float]], report: str) -> dict:
+    """The linear probe's result from its per-epoch test accuracies ``curve`` (``{"top1", "top5"}``
+    per epoch): both the last epoch's and the best epoch's (highest top-1; MoCo's ``main_lincls.py``
+    reports this ``best_acc1``, with the top-5 of that epoch here), and as ``top1`` / ``top5`` the one
+    ``report`` names. ``best_epoch`` counts from 1."""
+    if report not in LINEAR_REPORTS:
+        raise ValueError(f"eval.linear.report {report!r} is not one of {LINEAR_REPORTS}")
+    best = max(range(len(curve)), key=lambda e: curve[e]["top1"])  # the first epoch of the highest top-1
+    chosen = {"last": curve[-1], "best": curve[best]}[report]
+    result = {k: v for k, v in chosen.items() if k.startswith("top")}
+    for name, epoch in (("last", curve[-1]), ("best", curve[best])):
+        result.update({f"{k}_{name}": v for k, v in epoch.items() if k.startswith("top")})
+    return {**result, "best_epoch": best + 1, "top1_curve": [e["top1"] for e in curve]}
 
 
 def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torch.device, num_workers: int):
@@ -156,16 +180,21 @@ def linear_probe(backbone: nn.Module, cfg: Mapping, device: torch.device, echo=p
         train = build_dataset(cfg["data"], "train", "eval")
         train_x, train_y = extract_features(backbone, train, device, num_workers=workers)
         batches = feature_batches(train_x, train_y, ecfg["batch_size"], gen)
-    clf = train_linear(batches, test_x.shape[1], train.num_classes, ecfg, device, echo, cfg["seed"])
-    with torch.no_grad():
-        acc = topk_accuracy(clf(test_x), test_y)
+    curve: list[dict[str, float]] = []
+
+    def validate(_epoch: int, clf: nn.Linear) -> None:
+        with torch.no_grad():
+            curve.append(topk_accuracy(clf(test_x), test_y))
+
+    train_linear(batches, test_x.shape[1], train.num_classes, ecfg, device, echo, cfg["seed"], on_epoch=validate)
     protocol = {"kind": "linear", "epochs": ecfg["epochs"], "lr": ecfg["lr"], "schedule": ecfg["schedule"],
+                "report": ecfg["report"],
                 "milestones": ecfg["milestones"] if ecfg["schedule"] == "step" else None,
                 "weight_decay": ecfg["weight_decay"], "batch_size": ecfg["batch_size"],
                 "augment": ecfg["augment"], "crop_scale": ecfg["crop_scale"] if ecfg["augment"] else None,
                 "features": "frozen pooled backbone",
                 "train_images": len(train), "test_images": len(test)}
-    return {**acc, "protocol": protocol}
+    return {**linear_result(curve, ecfg["report"]), "protocol": protocol}
 
 
 def knn_eval(backbone: nn.Module, cfg: Mapping, device: torch.device) -> dict:

@@ -31,3 +31,34 @@ def test_linear_probe_separates_separable_features():
     batches = feature_batches(x, y, 32, torch.Generator().manual_seed(0))
     clf = train_linear(batches, 5, 2, cfg, torch.device("cpu"), echo=lambda *_: None)
     assert topk_accuracy(clf(x), y)["top1"] > 99
+
+
+def test_linear_result_reports_the_configured_epoch_and_records_both():
+    """MoCo's main_lincls.py reports the best validation top-1 over epochs; the last epoch is the other
+    choice. Both are recorded; ``top1`` is the one ``eval.linear.report`` names."""
+    from ftcl.evaluate import linear_result
+
+    curve = [{"top1": 50.0, "top5": 80.0}, {"top1": 70.0, "top5": 90.0}, {"top1": 65.0, "top5": 95.0}]
+    best = linear_result(curve, "best")
+    assert (best["top1"], best["top5"], best["best_epoch"]) == (70.0, 90.0, 2)
+    assert (best["top1_last"], best["top5_last"], best["top1_best"], best["top5_best"]) == (65.0, 95.0, 70.0, 90.0)
+    last = linear_result(curve, "last")
+    assert (last["top1"], last["top5"]) == (65.0, 95.0)
+    assert last["top1_curve"] == [50.0, 70.0, 65.0]
+    with pytest.raises(ValueError, match="report"):
+        linear_result(curve, "median")
+
+
+def test_linear_probe_evaluates_every_epoch_and_says_which_epoch_it_reports():
+    from ftcl import config
+    from ftcl.evaluate import linear_probe
+    from ftcl.models.backbones import build_backbone
+
+    cfg = config.resolve(overrides={"data.dataset": "digits", "model.width": 8, "model.small_stem": True,
+                                    "eval.linear.epochs": 3, "eval.linear.lr": 1.0, "eval.linear.report": "best"})
+    torch.manual_seed(0)
+    result = linear_probe(build_backbone(cfg["model"], 1), cfg, torch.device("cpu"), echo=lambda *_: None)
+    assert len(result["top1_curve"]) == 3
+    assert result["top1"] == result["top1_best"] == max(result["top1_curve"])
+    assert result["top1_last"] == result["top1_curve"][-1]
+    assert result["protocol"]["report"] == "best"

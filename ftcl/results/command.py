@@ -72,7 +72,7 @@ def run_aggregate(pipe, results_dir: str | Path | None = None, *, allow_missing:
         experiment=pipe.experiment,
         ablation=render.display_ablation(table),
         ablation_notes=render.table_notes(table),
-        paper=render.display_paper(paper) if len(paper) else None,
+        paper=render.display_paper(paper, protocols=table["protocol"]) if len(paper) else None,
         floor=render.display_against(floor) if floor is not None and len(floor) else None,
         floor_notes=render.floor_table_notes(floor) if floor is not None and len(floor) else (),
         plots=plot_files,
@@ -155,7 +155,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         print(render.to_markdown(render.display_against(out["floor"]), render.floor_table_notes(out["floor"])))
     if len(out["paper"]):
         print("Comparison with published numbers:\n")
-        print(render.to_markdown(render.display_paper(out["paper"])))
+        print(render.to_markdown(render.display_paper(out["paper"], protocols=table["protocol"])))
     exp_dir = Path(args.results_dir) / pipe.experiment if args.results_dir else pipe.exp_dir
     print(f"tables and plots: {exp_dir / 'tables'}, {exp_dir / 'plots'}")
     print(f"report: {out['report']}")

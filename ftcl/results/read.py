@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 #: stage -> {key in its result file (RESULT_FILES): column of the collected frame}
 STAGE_METRICS: dict[str, dict[str, str]] = {
-    "linear": {"top1": "linear_top1", "top5": "linear_top5"},
+    "linear": {"top1": "linear_top1", "top5": "linear_top5", "top1_last": "linear_top1_last",
+               "top1_best": "linear_top1_best"},
     "knn": {"top1": "knn_top1", "top5": "knn_top5"},
     "detection": {"voc07_AP50": "det_voc07_AP50", "voc07_AP": "det_voc07_AP", "voc07_AP75": "det_voc07_AP75",
                   "coco_AP": "det_coco_AP", "coco_AP50": "det_coco_AP50", "coco_AP75": "det_coco_AP75"},
@@ -36,6 +37,8 @@ METRIC_COLUMNS: list[str] = [col for cols in STAGE_METRICS.values() for col in c
 MLFLOW_METRICS: dict[str, str] = {
     "linear/top1": "linear_top1",
     "linear/top5": "linear_top5",
+    "linear/top1_last": "linear_top1_last",
+    "linear/top1_best": "linear_top1_best",
     "knn/top1": "knn_top1",
     "knn/top5": "knn_top5",
     "det/voc07_AP50": "det_voc07_AP50",

@@ -23,6 +23,8 @@ FLOOR_METRICS: tuple[str, ...] = ("linear_top1", "knn_top1", "det_voc07_AP50", "
 METRIC_LABELS: dict[str, str] = {
     "linear_top1": "Linear top-1 (%)",
     "linear_top5": "Linear top-5 (%)",
+    "linear_top1_last": "Linear top-1, last epoch (%)",
+    "linear_top1_best": "Linear top-1, best epoch (%)",
     "knn_top1": "kNN top-1 (%)",
     "knn_top5": "kNN top-5 (%)",
     "det_voc07_AP50": "VOC07 AP50",
@@ -35,6 +37,8 @@ METRIC_LABELS: dict[str, str] = {
 SHORT_LABELS: dict[str, str] = {m: label.removesuffix(" (%)").removesuffix(" top-1") for m, label in
                                 METRIC_LABELS.items()}
 MARK = "*"
+#: the epoch a linear protocol reports (``eval.linear.report``), as its summary names it
+_LINEAR_REPORT = re.compile(r"linear: [^;|]*\breport=(\w+)")
 TEXT_COLUMNS = frozenset({"Row", "Group", "Metric", "Protocol", "vs", "Δ vs"})  # left-aligned
 
 
@@ -65,6 +69,21 @@ def delta_cell(delta: float, low: float, high: float, method: str, excludes_zero
     if method == WELCH:
         text += " (Welch)"
     return text + (f" {MARK}" if excludes_zero else "")
+
+
+def linear_report(protocols: Iterable[str]) -> str | None:
+    """``"best"`` or ``"last"`` when every linear protocol among ``protocols`` (rows' protocol
+    summaries) reports the same epoch, else None (the protocol column or note then says it per row)."""
+    reports = {m for text in protocols if text for m in _LINEAR_REPORT.findall(text)}
+    return reports.pop() if len(reports) == 1 else None
+
+
+def metric_label(metric: str, protocols: Iterable[str] = ()) -> str:
+    """A metric's column label; the linear probe's names the epoch it reports (``Linear top-1, best
+    epoch (%)``) when all rows agree on it."""
+    label = METRIC_LABELS.get(metric, metric)
+    which = linear_report(protocols) if metric in ("linear_top1", "linear_top5") else None
+    return label.replace(" (%)", f", {which} epoch (%)") if which else label
 
 
 def present_metrics(table: pd.DataFrame, metrics: Sequence[str] = TABLE_METRICS) -> list[str]:
@@ -113,7 +132,7 @@ def display_ablation(table: pd.DataFrame, digits: int = 2, latex: bool = False) 
         shown["Δ vs"] = ["" if r["row"] == baseline else ("–" if pd.isna(r["reference"]) else r["reference"])
                          for _, r in table.iterrows()]
     for m in metrics:
-        shown[METRIC_LABELS[m]] = [mean_std(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"], digits, latex)
+        shown[metric_label(m, table["protocol"])] = [mean_std(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"], digits, latex)
                                    for _, r in table.iterrows()]
         if has_deltas:
             shown[f"Δ {SHORT_LABELS[m]} [95% CI]"] = [
@@ -146,11 +165,14 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     return notes
 
 
-def display_paper(paper: pd.DataFrame, digits: int = 2, latex: bool = False) -> pd.DataFrame:
-    """The paper comparison as strings: ours (mean ± std), published, difference."""
+def display_paper(paper: pd.DataFrame, digits: int = 2, latex: bool = False,
+                  protocols: Iterable[str] = ()) -> pd.DataFrame:
+    """The paper comparison as strings: ours (mean ± std), published, difference; ``protocols``: the
+    rows' protocol summaries (the linear probe's label names the epoch they report)."""
+    protocols = list(protocols)
     return pd.DataFrame({
         "Row": paper["row"],
-        "Metric": [METRIC_LABELS.get(m, m) for m in paper["metric"]],
+        "Metric": [metric_label(m, protocols) for m in paper["metric"]],
         "Ours": [mean_std(r["ours_mean"], r["ours_std"], r["n_seeds"], r["n_seeds"], digits, latex)
                  for _, r in paper.iterrows()],
         "Seeds": paper["n_seeds"].astype(str),
@@ -221,7 +243,7 @@ def write_tables(table: pd.DataFrame, paper: pd.DataFrame | None, floor: pd.Data
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     notes = table_notes(table)
-    tex_math = [METRIC_LABELS[m] for m in present_metrics(table)]
+    tex_math = [metric_label(m, table["protocol"]) for m in present_metrics(table)]
     outputs = {
         "ablation.csv": table.to_csv(index=False, float_format="%.4f"),
         "ablation.md": to_markdown(display_ablation(table, digits), notes),
@@ -230,8 +252,8 @@ def write_tables(table: pd.DataFrame, paper: pd.DataFrame | None, floor: pd.Data
     if paper is not None and len(paper):
         outputs |= {
             "paper.csv": paper.to_csv(index=False, float_format="%.4f"),
-            "paper.md": to_markdown(display_paper(paper, digits)),
-            "paper.tex": to_latex(display_paper(paper, digits, latex=True), (), ["Ours"]),
+            "paper.md": to_markdown(display_paper(paper, digits, protocols=table["protocol"])),
+            "paper.tex": to_latex(display_paper(paper, digits, latex=True, protocols=table["protocol"]), (), ["Ours"]),
         }
     if floor is not None and len(floor):
         floor_notes = floor_table_notes(floor)
