@@ -210,3 +210,16 @@ def test_generated_tables_list_every_setting():
         for s in section["settings"]:
             assert f"| {s['setting']} |" in text
     assert yaml.safe_load((REPO / "docs" / "protocols.yaml").read_text())["sources"]
+
+
+@pytest.mark.parametrize("path", sorted({path for path, *_ in CHECKS}))
+def test_the_fp32_overlay_trains_every_row_of_a_paper_config_in_float32(path):
+    """Both reference codes train in float32; config/overlays/fp32.yaml (merged by Snakemake as a second
+    --configfile, deep-merged here the same way) turns the paper configs' bf16 autocast off in every row."""
+    overlay = config.load_yaml(REPO / "config" / "overlays" / "fp32.yaml")
+    merged = config.deep_merge(pipeline(path), overlay)
+    for row in merged["ablations"]:
+        cfg = config.resolve(overrides=config.flatten(row.get("overrides") or {}), base=merged["defaults"])
+        assert cfg["optim"]["amp"] is False, row["name"]
+        assert cfg == config.resolve(overrides={**config.flatten(row.get("overrides") or {}), "optim.amp": False},
+                                     base=pipeline(path)["defaults"])  # nothing else changes
