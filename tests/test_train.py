@@ -59,10 +59,10 @@ def test_killed_run_resumes_without_redoing_finished_epochs(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_pretrain_cmd(tmp_path, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env)
-    deadline = time.time() + 120
+    # no deadline of its own: a run that stops before its first checkpoint fails the poll below, and one
+    # that hangs is stopped by pytest's timeout (pyproject.toml); how long an epoch takes is not asserted
     while not (tmp_path / "checkpoints" / "epoch_0001.pt").exists():
         assert first.poll() is None, first.stdout.read()
-        assert time.time() < deadline
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -144,22 +144,31 @@ def _backbone_bytes(folder: Path) -> bytes:
 @pytest.mark.slow
 def test_same_seed_and_thread_count_rerun_bit_identically_and_deterministic_pins_the_threads(tmp_path):
     """What README "Reproducibility" states: one machine, same threads -> identical; the thread count
-    changes the numbers; ``deterministic.enabled`` fixes it whatever the launcher's cpus_per_task."""
+    changes the numbers; ``deterministic.enabled`` fixes it whatever the launcher's cpus_per_task.
+
+    Whether 2 threads give other bytes than 1 depends on the CPU's kernels (README measured it on one
+    machine), so that is printed, not asserted; the pin is checked on the thread count each run
+    trained with (torch's, read as the process exits), and on the bytes against the 1-thread run."""
     sets = ["--set", "data.dataset=digits", "model.width=8", "model.small_stem=true", "method.queue_size=128",
             "optim.epochs=1", "optim.batch_size=64", "tracking.enabled=false", "log_every=1000",
             "ft.positive.mode=extrapolate", "ft.negative.mode=interpolate"]
+    cli = ("import atexit, sys, torch; atexit.register(lambda: print('torch threads', torch.get_num_threads())); "
+           "from ftcl.cli import main; sys.exit(main(sys.argv[1:]))")
 
-    def run(out: str, threads: int, *extra: str) -> bytes:
-        cmd = [sys.executable, "-m", "ftcl.cli", "pretrain", "--out", str(tmp_path / out), *sets, *extra]
+    def run(out: str, threads: int, *extra: str) -> tuple[bytes, int]:
+        cmd = [sys.executable, "-c", cli, "pretrain", "--out", str(tmp_path / out), *sets, *extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
-        return _backbone_bytes(tmp_path / out)
+        return _backbone_bytes(tmp_path / out), int(done.stdout.rsplit("torch threads ", 1)[1].split()[0])
 
-    assert run("a", 1) == run("b", 1)
-    assert run("c", 2) != run("a", 1)  # another thread count: other float reduction orders
+    one = run("a", 1)
+    assert one[1] == 1 and run("b", 1) == one
+    two = run("c", 2)
+    assert two[1] == 2
+    print(f"\n[reproducibility] 2 threads {'change' if two[0] != one[0] else 'do not change'} the weights here")
     pinned = ("deterministic.enabled=true", "deterministic.threads=1")
-    assert run("d", 2, *pinned) == run("a", 1)
+    assert run("d", 2, *pinned) == one  # 1 thread, whatever OMP_NUM_THREADS: the 1-thread run's bytes
 
 
 def test_step_schedule_multiplies_the_lr_by_gamma_from_each_milestone_on():

@@ -23,9 +23,14 @@ VOC07 family: ``voc07_AP50``, ``voc07_AP``, ``voc07_AP75``
       exports them); widths, heights and intersections count ``+1`` pixel (:func:`voc_overlaps`).
       On the stored boxes this is the plain continuous IoU (``X2 - X1 + 1 = x2 - x1``), up to
       floating-point rounding, exactly for integer coordinates;
-    * detections of a class are sorted by ``np.argsort(-score)`` (numpy's default, unstable sort:
-      tied scores keep whatever order it gives, as in Detectron2), in image order then the
-      detector's order within an image, which is the order of Detectron2's result file;
+    * detections of a class are sorted by score, highest first, from image order then the
+      detector's order within an image (the order of Detectron2's result file). Detectron2 sorts
+      with ``np.argsort(-confidence)``, numpy's default unstable sort, whose order among tied scores
+      is not Detectron2's to fix: it differs between numpy versions and CPUs (numpy 2 dispatches to
+      x86-simd-sort on AVX-512 machines and to its scalar introsort elsewhere), and tied detections
+      that differ in TP/FP change the AP. Here the sort is stable (``kind="stable"``): ties keep the
+      file order, the one order that is the same on every machine, and one that Detectron2's sort is
+      free to produce too; on scores without ties both orders are the same;
     * each detection takes the ground-truth box of its image with the largest IoU (the first of
       equal ones); with IoU ``> t`` (strictly) it is ignored if that box is difficult, a true
       positive if the box is not taken yet (then it is), a false positive otherwise; IoU ``<= t``
@@ -41,17 +46,23 @@ VOC07 family: ``voc07_AP50``, ``voc07_AP``, ``voc07_AP75``
 
     * Detectron2 writes detections to text files and reads them back: scores rounded to 3
       decimals, boxes (float32, after the ``+1``) to 0.1 pixel; the rounding turns near-equal scores
-      into ties, which its unstable sort then orders arbitrarily. Here the detector's own float
-      values are used. Measured on randomised VOC-like sets (``tests/test_detection_metrics.py``:
-      200-260 images, 3 classes, boxes 20-300 px, jittered, duplicated, overlapping and false
-      detections, about 3000 per class): with uniform random float32 scores (the worst case,
-      thousands of detections on 1000 rounded values) the rounding moved ``voc07_AP``/``AP50``/
-      ``AP75`` by up to 1.3 points and one class's AP at one threshold by up to 4.6, in either
-      direction; with scores that follow the box quality (a logistic of the IoU plus noise) by at
-      most 0.11 points on the summaries. Nearly all of it comes from the score rounding and the
-      tie order; the 0.1-px box rounding alone moved ``voc07_AP`` by at most 0.02 points. Fed the
-      same unrounded numbers, Detectron2's ``voc_eval`` and this code agree to 1e-9 (in fact
-      exactly) per class and threshold, also with exact ties and IoUs exactly at a threshold.
+      into ties, which its unstable sort then orders as the machine's numpy does. Here the
+      detector's own float values are used. Measured on randomised VOC-like sets
+      (``tests/test_detection_metrics.py``: 200-260 images, 3 classes, boxes 20-300 px, jittered,
+      duplicated, overlapping and false detections, about 3000 per class) with uniform random
+      float32 scores (the worst case, thousands of detections on 1000 rounded values): with the
+      ties of the rounded file in file order (a stable sort, the same on every machine) the
+      rounding moved ``voc07_AP``/``AP50``/``AP75`` by up to 0.35 points and one class's AP at one
+      threshold by up to 1.2; with Detectron2's own unstable order, which differs between
+      machines, by up to 1.3 (numpy's introsort) or 2.0 (its AVX-512 sort) points on the summaries
+      and 4.6 for one class at one threshold, in either direction (a tied true and false positive
+      swapped at the head of a ranking take the precision of the recall-0 point from 1 to 1/2:
+      100/11/2 = 4.5 points of that class's AP). With scores that follow the box quality (a
+      logistic of the IoU plus noise) by at most 0.11 points on the summaries. Nearly all of it
+      comes from the score rounding and the tie order; the 0.1-px box rounding alone moved
+      ``voc07_AP`` by at most 0.02 points. Fed the same unrounded numbers, Detectron2's
+      ``voc_eval`` and this code agree to 1e-9 (in fact exactly) per class and threshold, also
+      with IoUs exactly at a threshold and with exact ties (ranked in file order by both).
     * A class without non-difficult box is left out of the means here (NaN); Detectron2 counts it
       as AP 0 (never the case on VOC07 test, where every class has boxes).
 
@@ -145,7 +156,8 @@ def voc_class_curves(
         return None
     image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     confidence = np.asarray(scores, dtype=np.float64).reshape(-1)
-    order = np.argsort(-confidence)
+    # stable: ties keep the input order on every machine (Detectron2's unstable argsort does not; module doc)
+    order = np.argsort(-confidence, kind="stable")
     image_ids, bb = image_ids[order], voc_pixels(boxes)[order]
     nd = len(image_ids)
     ovmax = np.full(nd, -np.inf)
