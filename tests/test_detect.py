@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from ftcl.config import ConfigError
 from ftcl.data import detection as ddata
 from ftcl.detection.metrics import evaluate_detections, voc07_ap, voc_precision_recall
 from ftcl.detection.model import AlignedRoIAlign, backbone_weights, build_detector
+from ftcl.detection.norm import BatchLayout, VirtualSyncBatchNorm2d, feature_extent
 from ftcl.detection.stage import detection_settings
 from ftcl.detection.train import hflip, lr_at, precise_bn, train_detector, update_bn_stats
 from ftcl.models.backbones import build_backbone
@@ -96,7 +98,7 @@ def test_c4_box_head_is_mocos_res5_extra_norm_and_aligned_roialign(tmp_path, nor
     head = model.roi_heads.box_head
     assert [name for name, _ in head.named_children()] == ["layer4", "norm", "pool", "flatten"]
     channels = head.layer4[-1].conv2.out_channels  # resnet18 basic blocks: res5's output channels
-    expected = {"frozen": FrozenBatchNorm2d, "sync": torch.nn.SyncBatchNorm, "train": torch.nn.BatchNorm2d}[norm]
+    expected = {"frozen": FrozenBatchNorm2d, "sync": VirtualSyncBatchNorm2d, "train": torch.nn.BatchNorm2d}[norm]
     assert type(head.norm) is expected and head.norm.weight.shape == (channels,)
     x = torch.randn(2, channels, 3, 3)
     if norm == "frozen":  # Detectron2's FrozenBatchNorm2d defaults: identity
@@ -222,6 +224,18 @@ def test_difficult_flag_and_one_based_voc_coordinates(tmp_path):
     assert ann.boxes == ((0.0, 1.0, 5.0, 6.0),) and ann.difficult == (True,) and ann.names == ("cat",)
 
 
+def test_image_size_comes_from_the_annotation_else_the_file_header(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    obj = "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>"
+    (tmp_path / "a.xml").write_text(f"<annotation><filename>a.png</filename>{obj}</annotation>")
+    (tmp_path / "b.xml").write_text(f"<annotation><filename>a.png</filename><size><width>7</width>"
+                                    f"<height>9</height></size>{obj}</annotation>")
+    data = ddata.DetectionDataset(ddata.voc_folder_annotations(tmp_path), ["cat"])
+    assert [data.image_size(i) for i in range(2)] == [(20, 10), (7, 9)]  # b: the XML's, the file is not read
+
+
 def test_coco_loader_converts_boxes_classes_and_crowds(tmp_path):
     from PIL import Image
 
@@ -332,7 +346,8 @@ class Preempted(Exception):
     pass
 
 
-def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("norm", ["frozen", "sync"])
+def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp_path, one_torch_thread, norm):
     spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=2, seed=3)
     classes = [str(k) for k in range(10)]
     root = ddata.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
@@ -343,7 +358,7 @@ def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp
 
     def detector():
         torch.manual_seed(0)
-        return build_detector("random", None, "c4", len(classes), "frozen", model_cfg=model_cfg, in_channels=1,
+        return build_detector("random", None, "c4", len(classes), norm, model_cfg=model_cfg, in_channels=1,
                               settings=det)
 
     reference = detector()
@@ -376,6 +391,214 @@ def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp
     train_detector(detector(), data, det, torch.device("cpu"), seed=1, log=lines.append, ckpt_dir=ckpt_dir,
                    fingerprint="another backbone")
     assert any("not resuming" in line for line in lines) and lines[1].startswith("[detect] iter 1/")
+
+
+class SizedDataset(ddata.DetectionDataset):
+    """Blank images of the annotations' widths and heights, made without files; item ``i``'s one box
+    is ``(0, 0, 1, 1 + i)``, so a batch says which items it holds and which were flipped."""
+
+    def __init__(self, sizes: list[tuple[int, int]]):
+        super().__init__([ddata.ImageAnnotation(Path(f"{i}.png"), w, h, ((0.0, 0.0, 1.0, 1.0 + i),), ("a",), (False,),
+                                                f"item {i}") for i, (w, h) in enumerate(sizes)], ["a"])
+
+    def __getitem__(self, i):
+        ann = self.annotations[i]
+        return torch.zeros(3, ann.height, ann.width), self.target(i)
+
+
+class BatchRecorder(torch.nn.Module):
+    """Stands in for the detector in ``train_detector`` and ``precise_bn`` (one BatchNorm, a finite
+    loss); records each batch as ``(item, flipped)`` pairs in batch order."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(1)
+        self.batches: list[list[tuple[int, bool]]] = []
+
+    def forward(self, images, targets):
+        self.batches.append([(int(t["boxes"][0, 3]) - 1, bool(t["boxes"][0, 0] > 0)) for t in targets])
+        return {"loss": self.bn(torch.ones(2, 1)).sum()}
+
+
+# width x height: landscape (w > h), portrait, and squares (Detectron2 buckets w == h with portraits)
+MIXED_SIZES = [(40, 30), (30, 40), (32, 32), (50, 20), (20, 50), (44, 33), (33, 44), (60, 30), (25, 25), (31, 47),
+               (47, 31)]
+
+
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_batches_are_same_orientation_pairs_deterministic_and_resume_exactly(tmp_path, batch_size):
+    data = SizedDataset(MIXED_SIZES)
+    landscape = [w > h for w, h in MIXED_SIZES]
+    det = small_settings(batch_size=batch_size, iterations=6, warmup_iterations=0, num_workers=0, log_every=1,
+                         checkpoint_every=2, precise_bn_iterations=4)
+
+    def run(seed: int, **kwargs) -> list[list[tuple[int, bool]]]:
+        model = BatchRecorder()
+        train_detector(model, data, det, torch.device("cpu"), seed=seed, **{"log": lambda _: None, **kwargs})
+        return model.batches
+
+    reference = run(1)
+    assert len(reference) == 6 and all(len(b) == batch_size for b in reference)
+    for batch in reference:
+        for a, b in zip(batch[0::2], batch[1::2]):  # the pairs (0, 1), (2, 3), ...: one GPU's 2 images
+            assert landscape[a[0]] == landscape[b[0]], batch
+    assert {item for batch in reference for item, _ in batch} == set(range(len(MIXED_SIZES)))
+    assert {flip for batch in reference for _, flip in batch} == {False, True}
+    assert run(1) == reference and run(2) != reference
+
+    def stop_after_5(line: str) -> None:
+        if line.startswith("[detect] iter 5/"):
+            raise Preempted  # the last checkpoint holds iteration 4
+
+    with pytest.raises(Preempted):
+        run(1, log=stop_after_5, ckpt_dir=tmp_path / "ckpt", fingerprint="a")
+    assert run(1, ckpt_dir=tmp_path / "ckpt", fingerprint="a") == reference[4:]
+
+    model = BatchRecorder()
+    assert precise_bn(model, data, det, torch.device("cpu"), seed=1, log=lambda _: None) == 4
+    assert len(model.batches) == 4
+    for batch in model.batches:
+        for a, b in zip(batch[0::2], batch[1::2]):
+            assert landscape[a[0]] == landscape[b[0]], batch
+
+
+# ------------------------------------------------------------------ BatchNorm as SyncBN over 8 x 2
+def pair_canvases(image_sizes: list[tuple[int, int]], padded: tuple[int, int],
+                  feature: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Independent of the implementation: ``(first, stop, h, w)`` per group of 2 consecutive images,
+    the pair's max height and width mapped to the feature as ``ceil(size * feature / padded)``
+    (exact when the padded size is a multiple of the stride, as torchvision's multiples of 32)."""
+    out = []
+    for first in range(0, len(image_sizes), 2):
+        pair = image_sizes[first:first + 2]
+        h, w = max(s[0] for s in pair), max(s[1] for s in pair)
+        out.append((first, first + len(pair), math.ceil(h * feature[0] / padded[0]),
+                    math.ceil(w * feature[1] / padded[1])))
+    return out
+
+
+def pair_reference(x: torch.Tensor, canvases: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance as naive SyncBN over one GPU per canvas: plain BatchNorm2d (momentum 1) run on
+    each canvas crop alone gives that GPU's mean and unbiased variance; the GPUs' means and
+    mean squares are averaged with equal weight, var = E[x^2] - E[x]^2 (Detectron2's NaiveSyncBatchNorm)."""
+    means, squares = [], []
+    for first, stop, h, w in canvases:
+        crop = x[first:stop, :, :h, :w].detach().double()
+        bn = torch.nn.BatchNorm2d(x.shape[1], momentum=1.0).double()
+        bn(crop)
+        n = crop.numel() // x.shape[1]
+        means.append(bn.running_mean)
+        squares.append(bn.running_var * (n - 1) / n + bn.running_mean ** 2)
+    mean = torch.stack(means).mean(0)
+    return mean, torch.stack(squares).mean(0) - mean ** 2
+
+
+def test_virtual_sync_bn_uses_equal_weight_statistics_of_each_pairs_own_canvas():
+    torch.manual_seed(0)
+    sizes = [(20, 31), (23, 18), (9, 14), (16, 16), (11, 5)]  # (h, w) input pixels: pairs (0, 1), (2, 3), and (4,)
+    layout = BatchLayout(size_divisibility=0)
+    layout.set(sizes, (24, 32))
+    canvases = [(0, 2, 12, 16), (2, 4, 8, 8), (4, 5, 6, 3)]  # a stride-2 feature: ceil(pair max / 2)
+    assert layout.canvases((12, 16)) == canvases == pair_canvases(sizes, (24, 32), (12, 16))
+    x = (torch.randn(5, 3, 12, 16) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 3.0).requires_grad_()
+    bn = VirtualSyncBatchNorm2d(3, layout=layout)
+    torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+    torch.nn.init.uniform_(bn.bias, -0.5, 0.5)
+    initial = {k: v.clone() for k, v in bn.state_dict().items()}
+    y = bn(x)
+    mean, var = (s.float() for s in pair_reference(x, canvases))
+    expected = (x - mean.view(1, 3, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1) + bn.eps) * bn.weight.view(1, 3, 1, 1) \
+        + bn.bias.view(1, 3, 1, 1)
+    assert torch.allclose(y, expected, atol=1e-5)  # every pixel, padding included, normalised by them
+    assert torch.allclose(bn.running_mean, 0.1 * mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * var, atol=1e-6)  # NaiveSyncBatchNorm's var, no Bessel factor
+
+    # pad the batch more, with other values beyond each pair's canvas: nothing on the canvases changes
+    more = BatchLayout(size_divisibility=0)
+    more.set(sizes, (40, 48))
+    x_more = torch.randn(5, 3, 20, 24) * 5
+    for first, stop, h, w in canvases:
+        x_more[first:stop, :, :h, :w] = x[first:stop, :, :h, :w].detach()
+    x_more.requires_grad_()
+    bn_more = VirtualSyncBatchNorm2d(3, layout=more)
+    bn_more.load_state_dict(initial)
+    y_more = bn_more(x_more)
+    assert torch.allclose(bn_more.running_mean, bn.running_mean) and torch.allclose(bn_more.running_var, bn.running_var)
+    grad = torch.randn(5, 3, 20, 24)
+    loss = sum((y[a:b, :, :h, :w] * grad[a:b, :, :h, :w]).sum() for a, b, h, w in canvases)
+    loss_more = sum((y_more[a:b, :, :h, :w] * grad[a:b, :, :h, :w]).sum() for a, b, h, w in canvases)
+    loss.backward()
+    loss_more.backward()
+    for a, b, h, w in canvases:
+        assert torch.allclose(y_more[a:b, :, :h, :w], y[a:b, :, :h, :w], atol=1e-5)
+        assert torch.allclose(x_more.grad[a:b, :, :h, :w], x.grad[a:b, :, :h, :w], atol=1e-5)
+
+    # no layout (the box head's RoI features): one group, the whole batch: plain BatchNorm's output
+    plain, whole = torch.nn.BatchNorm2d(3), VirtualSyncBatchNorm2d(3)
+    with torch.no_grad():
+        assert torch.allclose(whole(x), plain(x), atol=1e-5)
+    assert torch.allclose(whole.running_var, 0.9 + 0.1 * x.detach().var(dim=(0, 2, 3), unbiased=False), atol=1e-6)
+    assert torch.allclose(whole.running_mean, plain.running_mean, atol=1e-6)
+    whole.eval()  # evaluation: nn.BatchNorm2d on the running statistics
+    with torch.no_grad():
+        assert torch.equal(whole(x), torch.nn.functional.batch_norm(x, whole.running_mean, whole.running_var,
+                                                                     whole.weight, whole.bias, eps=whole.eps))
+
+
+@pytest.mark.parametrize("small_stem", [False, True])
+def test_image_regions_map_to_feature_regions_at_every_backbone_level(small_stem, one_torch_thread):
+    net = build_backbone({"backbone": "resnet18", "width": 4, "small_stem": small_stem}, 3).eval()
+    shapes: list[tuple[int, int]] = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # every BatchNorm: the stem and each block of res2-res5
+            m.register_forward_pre_hook(lambda _, inputs: shapes.append(tuple(inputs[0].shape[-2:])))
+
+    def feature_sizes(h: int, w: int) -> list[tuple[int, int]]:
+        shapes.clear()
+        with torch.no_grad():
+            net(torch.zeros(1, 3, h, w))
+        return list(shapes)
+
+    for padded in [(64, 96), (70, 99)]:
+        features = feature_sizes(*padded)
+        assert len(set(features)) == (4 if small_stem else 5)  # strides 1-8 or 2-32
+        for size in [(37, 50), (64, 33), (5, 61), (1, 1), (33, 17), padded]:
+            alone = feature_sizes(*size)  # the image's own feature maps, computed without padding
+            assert [feature_extent(size, padded, f) for f in features] == alone, (size, padded)
+            if padded == (64, 96):  # torchvision pads to multiples of 32: ceil(size * feature / padded)
+                assert [(math.ceil(size[0] * f[0] / padded[0]), math.ceil(size[1] * f[1] / padded[1]))
+                        for f in features] == alone
+
+
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+def test_sync_norm_in_one_process_reads_the_batch_layout_and_evaluates_as_plain_batchnorm(tmp_path, head,
+                                                                                          one_torch_thread):
+    write_pretrain_checkpoint(tmp_path, SMALL_MODEL)
+    settings = small_settings(anchor_sizes=[8, 16, 32, 64, 128] if head == "fpn" else [16, 32])
+    models = {}
+    for norm in ("sync", "train"):
+        torch.manual_seed(0)
+        models[norm] = build_detector("pretrained", tmp_path, head, 3, norm, settings=settings)
+    model = models["sync"]
+    backbone = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    others = [m for m in model.roi_heads.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(backbone) > 10 and all(type(m) is VirtualSyncBatchNorm2d for m in backbone + others)
+    layout = backbone[0].layout
+    assert all(m.layout is layout for m in backbone) and all(m.layout is None for m in others)
+    assert layout.size_divisibility == (32 if head == "fpn" else 0)  # Detectron2's FPN / ResNet size_divisibility
+    assert len(others) == (6 if head == "c4" else 0)  # C4's box head: res5 (resnet18: 2 x 2 + 1) and the extra norm
+
+    images = [torch.rand(3, 64, 80), torch.rand(3, 40, 64), torch.rand(3, 64, 48)]
+    with torch.no_grad():  # evaluation: running statistics, exactly plain BatchNorm
+        for got, want in zip(model.eval()(images), models["train"].eval()(images)):
+            assert torch.allclose(got["boxes"], want["boxes"]) and torch.allclose(got["scores"], want["scores"])
+    seen = []
+    backbone[-1].register_forward_pre_hook(lambda m, inputs: seen.append((m.layout.image_sizes, m.layout.padded_size)))
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])} for _ in images]
+    model.train()(images, targets)
+    assert layout.image_sizes is None  # cleared once the backbone has run
+    resized = model.transform(images)[0]
+    assert seen == [([tuple(s) for s in resized.image_sizes], tuple(resized.tensors.shape[-2:]))]
 
 
 class BNNet(torch.nn.Module):
@@ -412,8 +635,8 @@ def test_precise_bn_recomputes_the_detectors_statistics_over_training_batches(tm
     classes = [str(k) for k in range(10)]
     root = ddata.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
     data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
-    det = small_settings(min_size=[48], max_size=48, batch_size=2, iterations=1, num_workers=0,
-                         precise_bn_iterations=3)
+    det = small_settings(min_size=[32, 48], max_size=48, batch_size=4, iterations=1, num_workers=0,
+                         precise_bn_iterations=3)  # two scales: pairs of unequal canvases in a batch padded to 64
     model_cfg = config.resolve(overrides=SMALL_MODEL)["model"]
     torch.manual_seed(0)
     model = build_detector("random", None, "c4", len(classes), norm, model_cfg=model_cfg, in_channels=1,
@@ -425,7 +648,14 @@ def test_precise_bn_recomputes_the_detectors_statistics_over_training_batches(tm
     def record(name):
         def hook(module, inputs):
             x = inputs[0].detach().double()
-            seen[name].append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)))
+            layout = getattr(module, "layout", None)
+            if norm == "train":
+                seen[name].append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)))
+            elif layout is None:  # sync, box head: all RoIs, NaiveSyncBatchNorm's variance
+                seen[name].append(pair_reference(x, [(0, x.shape[0], x.shape[-2], x.shape[-1])]))
+            else:  # sync, backbone: per pair canvas, equal weight
+                canvases = pair_canvases(layout.image_sizes, layout.padded_size, tuple(x.shape[-2:]))
+                seen[name].append(pair_reference(x, canvases))
         return hook
 
     handles = [m.register_forward_pre_hook(record(name)) for name, m in bns.items()]

@@ -7,6 +7,9 @@ Every dataset here is a :class:`DetectionDataset` whose items are ``(image, targ
 * ``target``: ``{"boxes": float32 (N, 4) xyxy, "labels": int64 (N,) in 1..C, "difficult": bool (N,)}``
   (label 0 is the background, torchvision's convention).
 
+``DetectionDataset.image_size(i)`` gives an item's ``(width, height)`` without decoding its image (the
+training sampler groups images by orientation, as Detectron2's ``AspectRatioGroupedDataset``).
+
 Boxes are in continuous, 0-based pixel coordinates. VOC files store 1-based inclusive pixel
 indices, so a VOC box ``(xmin, ymin, xmax, ymax)`` becomes ``(xmin - 1, ymin - 1, xmax, ymax)``
 (detectron2's ``pascal_voc.py`` convention); its width ``xmax - xmin + 1`` is the one the VOC
@@ -181,6 +184,15 @@ def read_image(path: str | Path) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def image_file_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, from its header (PIL opens lazily: no pixel is decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    with Image.open(path) as img:
+        return img.size
+
+
 class DetectionDataset(Dataset):
     """Images and their boxes; labels are 1 + the index of the box's name in ``classes``."""
 
@@ -205,6 +217,14 @@ class DetectionDataset(Dataset):
             "labels": torch.tensor([self._index[n] for n in ann.names], dtype=torch.int64),
             "difficult": torch.tensor(ann.difficult, dtype=torch.bool),
         }
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of item ``i`` without decoding its image: the annotation's (VOC
+        ``<size>``, COCO ``width``/``height``, the scenes' canvas), else the image file's header."""
+        ann = self.annotations[i]
+        if ann.width > 0 and ann.height > 0:
+            return ann.width, ann.height
+        return image_file_size(ann.image)
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         return read_image(self.annotations[i].image), self.target(i)

@@ -11,7 +11,9 @@ One job per module, each importable on its own:
 
 * :mod:`ftcl.detection.model`: the detector (C4 or FPN head on the backbone, norm conversion,
   MoCo's extra res5 norm, aligned RoIAlign, Detectron2's predictor init);
-* :mod:`ftcl.detection.train`: the fine-tuning loop (lr schedule, exact resume) and Precise BN;
+* :mod:`ftcl.detection.norm`: BatchNorm as SyncBN over MoCo's 8 GPUs x 2 images computes it, in one process;
+* :mod:`ftcl.detection.train`: the fine-tuning loop (same-orientation pairs, lr schedule, exact resume) and
+  Precise BN;
 * :mod:`ftcl.detection.metrics`: the metrics as pure functions (numpy and pycocotools, no torch);
 * :mod:`ftcl.detection.stage`: data, the ``ftcl detect`` command, result files, MLflow.
 

@@ -16,8 +16,15 @@ backbone pretrained on 1-channel data gets the mean of the three normalised chan
 (:class:`ChannelMean`), so a grey image reaches it unchanged up to normalisation.
 
 BatchNorm (``detection.norm``, :func:`convert_norm`): ``frozen`` (FrozenBatchNorm2d everywhere; the
-extra norm then has identity statistics), ``train`` (BatchNorm2d updated from each batch) or ``sync``
-(SyncBatchNorm; plain BatchNorm in a single process, where the whole batch is one BN batch).
+extra norm then has identity statistics), ``train`` (BatchNorm2d updated from each batch: the whole
+batch, padded to one size, is one BN batch) or ``sync``. ``sync`` in one process (detection runs as
+one) reproduces MoCo's ``naiveSyncBN`` over 8 GPUs x 2 images (:mod:`ftcl.detection.norm`): the
+backbone's norms (stem and res2-res4 for C4, the ResNet body for FPN), which see padded images, take
+per-pair statistics over each same-orientation pair's own canvas (the pair's max height x width at
+that level: the pair's own padding counts, the padding to the whole batch's size does not) and
+average them with equal weight; the C4 box head's norms (res5, the extra norm: RoI features, no
+padding) take statistics over all RoIs. Evaluation uses the running statistics either way. Under a
+distributed run of several processes ``sync`` is torch's SyncBatchNorm.
 """
 
 from __future__ import annotations
@@ -42,8 +49,12 @@ from ftcl import checkpoint as ckpt
 from ftcl import config
 from ftcl.config import ConfigError
 from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from ftcl.detection.norm import attach_virtual_sync
 
 FPN_LEVELS = 5  # P2-P5 plus the max-pooled P6
+#: Detectron2 pads each GPU's images to a multiple of the backbone's ``size_divisibility``: 0 (none) for
+#: the ResNet C4 backbone (``Backbone.size_divisibility``), 32 for FPN (``FPN._size_divisibility = strides[-1]``)
+SIZE_DIVISIBILITY = {"c4": 0, "fpn": 32}
 CLS_SCORE_STD, BBOX_PRED_STD = 0.01, 0.001  # Detectron2's FastRCNNOutputLayers
 
 
@@ -105,20 +116,25 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def convert_norm(module: nn.Module, norm: str) -> nn.Module:
-    """``frozen``: FrozenBatchNorm2d everywhere; ``sync``: SyncBatchNorm (plain BatchNorm outside a
-    distributed run); ``train``: BatchNorm updated from each batch."""
+def convert_norm(model: FasterRCNN, norm: str, head: str) -> FasterRCNN:
+    """``frozen``: FrozenBatchNorm2d everywhere; ``train``: BatchNorm updated from each batch (plain
+    BatchNorm over the whole padded batch); ``sync``: under a distributed run of several processes,
+    torch's SyncBatchNorm; in one process, SyncBN over 8 GPUs x 2 images as MoCo's protocol trains it
+    (:func:`ftcl.detection.norm.attach_virtual_sync`, with the ``head``'s Detectron2 size divisibility)."""
     if norm == "frozen":
-        return freeze_batchnorm(module)
+        return freeze_batchnorm(model)
     if norm == "sync":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return attach_virtual_sync(model, SIZE_DIVISIBILITY[head])
+    return model
 
 
 def extra_norm(channels: int, norm: str) -> nn.Module:
     """MoCo's extra norm after res5 (``get_norm(cfg.MODEL.RESNETS.NORM, C)``), freshly initialised:
     ``frozen`` gives a ``FrozenBatchNorm2d`` with identity statistics (Detectron2's: weight 1, bias 0,
-    mean 0, var 1 - eps), ``train``/``sync`` a BatchNorm2d (made SyncBatchNorm by :func:`convert_norm`)."""
+    mean 0, var 1 - eps), ``train``/``sync`` a BatchNorm2d (converted for ``sync`` by :func:`convert_norm`)."""
     if norm == "frozen":
         frozen = FrozenBatchNorm2d(channels)
         frozen.running_var.fill_(1.0 - frozen.eps)
@@ -240,7 +256,7 @@ def build_detector(init: str, checkpoint: str | Path | None, head: str, num_clas
     else:
         raise ConfigError(f"detection.head {head!r}; allowed: c4, fpn")
     init_box_predictor(model.roi_heads.box_predictor)
-    return convert_norm(model, norm)
+    return convert_norm(model, norm, head)
 
 
 def backbone_weights(model: FasterRCNN) -> dict[str, Tensor]:

@@ -2,8 +2,11 @@
 
 The schedule is Detectron2's (``WarmupMultiStepLR``, :func:`lr_at`); ``detection.batch_size`` is the
 whole job's batch (detection runs as one process) and lr = ``lr_per_16 * batch_size / 16``
-(:func:`base_lr`). After the last iteration, :func:`precise_bn` recomputes the BatchNorm statistics
-as Detectron2's ``TEST.PRECISE_BN`` hook does before it evaluates.
+(:func:`base_lr`). Batches are drawn as Detectron2's loader draws them on 8 GPUs x 2 images
+(:func:`_draws`): consecutive same-orientation pairs, one per virtual GPU, which ``detection.norm:
+sync`` takes its per-GPU BatchNorm statistics over (:mod:`ftcl.detection.norm`). After the last
+iteration, :func:`precise_bn` recomputes the BatchNorm statistics as Detectron2's ``TEST.PRECISE_BN``
+hook does before it evaluates, from batches drawn the same way and statistics defined the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,11 @@ from torchvision.models.detection import FasterRCNN
 
 from ftcl import checkpoint as ckpt
 from ftcl.data import detection as ddata
+from ftcl.detection.norm import IMAGES_PER_GPU, group_sizes
 
-DETECTION_FORMAT = "ftcl-detection-resume-2"  # OUT/checkpoints/last.pt while fine-tuning runs
+#: OUT/checkpoints/last.pt while fine-tuning runs; 3: batches of same-orientation pairs (:func:`_draws`), so a
+#: run saved under 2 drew other batches and is not resumed
+DETECTION_FORMAT = "ftcl-detection-resume-3"
 PRECISE_BN_SEED_OFFSET = 2  # Precise BN draws its batches from seed + 2 (the order) and seed + 3 (flips)
 
 
@@ -69,10 +75,42 @@ def _collate(batch: Sequence) -> tuple:
     return tuple(zip(*batch))
 
 
-def _draws(dataset: ddata.DetectionDataset, count: int, seed: int) -> tuple[list[int], list[bool]]:
-    """``count`` image indices (sampling without replacement, epoch after epoch) and flips, from ``seed``."""
-    order = list(RandomSampler(dataset, num_samples=count, generator=torch.Generator().manual_seed(seed)))
-    flips = (torch.rand(count, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).tolist()
+def _orientation_groups(stream: Iterable[int], landscape: Sequence[bool], size: int) -> Iterator[list[int]]:
+    """Detectron2's ``AspectRatioGroupedDataset`` on one GPU: two buckets (``w > h``, and the rest,
+    squares included); each index of ``stream`` joins its bucket, and a bucket that holds ``size``
+    indices is yielded as a group and emptied."""
+    buckets: tuple[list[int], list[int]] = ([], [])
+    for index in stream:
+        bucket = buckets[0 if landscape[index] else 1]
+        bucket.append(index)
+        if len(bucket) == size:
+            yield bucket[:]
+            bucket.clear()
+
+
+def _draws(dataset: ddata.DetectionDataset, batches: int, batch_size: int,
+           seed: int) -> tuple[list[int], list[bool]]:
+    """The image indices of ``batches`` batches of ``batch_size``, in batch order, and a flip per
+    position, all from ``seed`` (the order from ``seed``, the flips from ``seed + 1``).
+
+    Detectron2's training loader over virtual GPUs (:func:`~ftcl.detection.norm.group_sizes`: 8 x 2
+    for a batch of 16): one seeded stream of indices, permutation after permutation (sampling without
+    replacement, epoch after epoch), is dealt round-robin to the GPUs (``TrainingSampler``:
+    ``islice(stream, rank, None, world_size)``); each GPU groups its share by orientation
+    (:func:`_orientation_groups`, orientation from :meth:`DetectionDataset.image_size`, no image
+    decoded), and a batch is the GPUs' next groups in GPU order, so images ``2g, 2g + 1`` of a batch
+    are virtual GPU ``g``'s same-orientation pair, the group :class:`~ftcl.detection.norm.VirtualSyncBatchNorm2d`
+    takes its statistics over. Everything is drawn up front, so a run resumed at an iteration sees
+    the batches the uninterrupted run sees.
+    """
+    sizes = group_sizes(batch_size)
+    per_gpu = (batches + 1) * IMAGES_PER_GPU  # enough: between groups each bucket holds < IMAGES_PER_GPU indices
+    stream = list(RandomSampler(dataset, num_samples=len(sizes) * per_gpu,
+                                generator=torch.Generator().manual_seed(seed)))
+    landscape = [w > h for w, h in (dataset.image_size(i) for i in range(len(dataset)))]
+    gpus = [_orientation_groups(stream[rank::len(sizes)], landscape, size) for rank, size in enumerate(sizes)]
+    order = [index for _ in range(batches) for gpu in gpus for index in next(gpu)]
+    flips = (torch.rand(batches * batch_size, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).tolist()
     return order, flips
 
 
@@ -89,9 +127,10 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
     """Fine-tune ``model`` for ``det["iterations"]`` SGD steps of ``det["batch_size"]`` images.
 
     lr = :func:`base_lr` following :func:`lr_at`; momentum, weight decay
-    (:func:`parameter_groups`), random horizontal flips, sampling without replacement epoch after
-    epoch, all seeded by ``seed``; gradients clipped to ``clip_grad_norm`` when set (short, high-lr
-    CPU schedules). A non-finite loss stops the run with an error.
+    (:func:`parameter_groups`), random horizontal flips, batches of same-orientation pairs drawn
+    without replacement epoch after epoch (:func:`_draws`), all seeded by ``seed``; gradients clipped
+    to ``clip_grad_norm`` when set (short, high-lr CPU schedules). A non-finite loss stops the run
+    with an error.
 
     With ``ckpt_dir``, every ``checkpoint_every`` iterations the model, the optimiser, the iteration
     and the global RNG state are saved atomically to ``ckpt_dir/last.pt``, and a run that finds that
@@ -108,7 +147,7 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
     lr0 = base_lr(det)
     optimizer = torch.optim.SGD(parameter_groups(model, float(det["weight_decay"])), lr=lr0,
                                 momentum=float(det["momentum"]))
-    order, flips = _draws(dataset, iterations * batch_size, seed)
+    order, flips = _draws(dataset, iterations, batch_size, seed)
     done, rng = _resume_detector(model, optimizer, ckpt_dir, fingerprint, device, log)
     every = int(det.get("checkpoint_every") or 0)
     batches = iter(DataLoader(dataset, batch_size, sampler=order[done * batch_size:], collate_fn=_collate,
@@ -185,7 +224,9 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Sequence[Any]], num_batc
     """Recompute every BatchNorm's running mean and variance as the plain average of its batch
     statistics over ``num_batches`` batches (fvcore's ``update_bn_stats``, which Detectron2's Precise
     BN hook calls): the model runs in train mode as ``model(*batch)`` without gradients, each BN's
-    momentum is 1 meanwhile (its running buffers hold the last batch's mean and unbiased variance)
+    momentum is 1 meanwhile (its running buffers hold the last batch's statistics as the layer
+    defines them: mean and unbiased variance for ``nn.BatchNorm2d``, the equal-weight per-pair mean
+    and variance of ``NaiveSyncBatchNorm`` for :class:`~ftcl.detection.norm.VirtualSyncBatchNorm2d`)
     and those are averaged cumulatively; no parameter changes. Returns the batches used (fewer
     when ``batches`` runs out). Momentum and train/eval mode are restored afterwards.
     """
@@ -220,16 +261,17 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Sequence[Any]], num_batc
 def precise_bn(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapping[str, Any],
                device: torch.device, seed: int, log: Callable[[str], None] = print) -> int:
     """Detectron2's ``TEST.PRECISE_BN`` after fine-tuning: :func:`update_bn_stats` over
-    ``det["precise_bn_iterations"]`` training batches of ``batch_size`` images (random order and
-    flips drawn from ``seed + 2``, the training data's own multi-scale resize), the detector in
-    training mode with its targets (so the box head's BatchNorm sees training RoIs, as in
-    Detectron2). Does nothing (returns 0) when the setting is 0, no iteration was trained, or the
+    ``det["precise_bn_iterations"]`` training batches of ``batch_size`` images (same-orientation
+    pairs in random order, :func:`_draws`, and flips, from ``seed + 2``; the training data's own
+    multi-scale resize), the detector in training mode with its targets (so each BatchNorm computes
+    its training statistics, per pair canvas for ``sync``, and the box head's sees training RoIs, as
+    in Detectron2). Does nothing (returns 0) when the setting is 0, no iteration was trained, or the
     detector has no trainable BatchNorm (norm ``frozen``); else returns the batches used."""
     count, batch_size = int(det.get("precise_bn_iterations") or 0), int(det["batch_size"])
     if count == 0 or int(det["iterations"]) == 0 or not batchnorm_layers(model):
         return 0
     model.to(device)
-    order, flips = _draws(dataset, count * batch_size, seed + PRECISE_BN_SEED_OFFSET)
+    order, flips = _draws(dataset, count, batch_size, seed + PRECISE_BN_SEED_OFFSET)
     loader = DataLoader(dataset, batch_size, sampler=order, collate_fn=_collate, num_workers=int(det["num_workers"]))
     batches = (_inputs(images, targets, flips[k * batch_size:(k + 1) * batch_size], det["hflip"], device)
                for k, (images, targets) in enumerate(loader))
