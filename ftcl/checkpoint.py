@@ -1,15 +1,13 @@
 """Checkpoints that are never left half-written, and loads that fail loudly.
 
-Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the
-target (``os.replace`` is atomic on POSIX), so a crash at any instant leaves either the previous
-file or the new one. Loads check the format tag and, for backbones, every key and shape.
+Writes go through :func:`ftcl.files.replacing` (a temporary file, fsync'ed, renamed over the target),
+so a crash at any instant leaves either the previous file or the new one. Loads check the format tag
+and, for backbones, every key and shape.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from ftcl.errors import CheckpointError
+from ftcl.files import replacing
 
 FORMAT = "ftcl-pretrain/1"
 LAST = "last.pt"
@@ -27,25 +26,10 @@ __all__ = ["CheckpointError"]
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save`` to ``path`` atomically (:func:`ftcl.files.replacing`)."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from ftcl.errors import ConfigError
+from ftcl.files import write_text
 
 Config = dict[str, Any]
 
@@ -212,8 +213,4 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def dump(cfg: Mapping, path: str | Path) -> None:
     """Write a config as YAML (atomically), so a run folder always records what ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))

@@ -11,7 +11,6 @@ last and the best epoch's accuracy and reports the one ``eval.linear.report`` na
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import eval_aug_batch, normalize
+from ftcl.files import write_json
 
 
 @torch.no_grad()
@@ -212,7 +212,4 @@ def knn_eval(backbone: nn.Module, cfg: Mapping, device: torch.device) -> dict:
 
 def write_result(result: Mapping, path: Path) -> None:
     """Write a stage's result JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)

@@ -29,6 +29,7 @@ from typing import TextIO
 import yaml
 
 from ftcl.constants import EVAL_STAGES, PRETRAIN, RESULT_FILES, RUN_ID_FILE, STAGES
+from ftcl.files import write_json
 
 KEY_FILE = ".ftcl_stage.json"
 SUPERSEDED_DIR = ".superseded"
@@ -50,13 +51,6 @@ def read_json(path: Path) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: Mapping) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def upstream_id(run_dir: str | Path, stage: str) -> str:
@@ -112,18 +106,18 @@ def prepare(run_dir: str | Path, stage: str, run_cfg: Mapping, log: TextIO | Non
     key = {"digest": pipeline.stage_digest(run_cfg, stage), "upstream": upstream_id(run_dir, stage)}
     if not _has_work(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / KEY_FILE, {**key, "id": ""})
+        write_json(folder / KEY_FILE, {**key, "id": ""})
         return Prepared("fresh", folder, {**key, "id": ""})
     saved = saved_key(folder, stage, key["upstream"])
     if saved is not None and saved["digest"] == key["digest"] and saved["upstream"] == key["upstream"]:
         done = (folder / RESULT_FILES[stage]).is_file()
         kept = {**key, "id": saved.get("id") or (uuid.uuid4().hex[:12] if done else "")}
-        _write_json(folder / KEY_FILE, kept)
+        write_json(folder / KEY_FILE, kept)
         return Prepared("done" if done else "resume", folder, kept)
     reason = _why(folder, stage, run_cfg, saved, key)
     moved = supersede(folder, run_dir, stage, reason, run_cfg, log)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / KEY_FILE, {**key, "id": ""})
+    write_json(folder / KEY_FILE, {**key, "id": ""})
     return Prepared("superseded", folder, {**key, "id": ""}, moved, reason)
 
 
@@ -187,9 +181,9 @@ def finish(run_dir: str | Path, stage: str, prepared: Prepared) -> Path:
     if not result.is_file():
         raise RuntimeError(f"{stage} ended without writing {result}")
     key = {**prepared.key, "id": prepared.key.get("id") or uuid.uuid4().hex[:12]}
-    _write_json(prepared.folder / KEY_FILE, key)
+    write_json(prepared.folder / KEY_FILE, key)
     marker = marker_path(run_dir, stage)
-    _write_json(marker, {"stage": stage, **key, "result": str(result),
+    write_json(marker, {"stage": stage, **key, "result": str(result),
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return marker
 

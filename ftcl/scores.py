@@ -37,6 +37,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ftcl.files import replacing
+
 STAT_COLUMNS = ("loss", "pos_mean", "neg_mean", "neg_var", "exp_pos_mean", "exp_neg_mean", "pos_outside",
                 "neg_outside")
 #: the histogram range of scores that stay on the unit sphere (cosines)
@@ -163,9 +165,8 @@ class ScoreRecorder:
 
 
 def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def load_scores(score_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -34,6 +34,7 @@ from ftcl.constants import (
     TAG_SUPERSEDED,
 )
 from ftcl.errors import TrackingError
+from ftcl.files import write_text
 
 __all__ = ["HEADLINE_METRICS", "TrackingError", "Tracker"]
 
@@ -420,10 +421,7 @@ class Tracker:
             system_tags[PARENT_RUN_TAG] = parent
         run = _retry(self.client.create_run, exp_id, run_name=tcfg["run_name"] or self.stage,
                      tags={**system_tags, **{k: str(v) for k, v in tags.items()}})
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = id_file.with_name(id_file.name + ".tmp")
-        tmp.write_text(run.info.run_id)
-        tmp.replace(id_file)
+        write_text(id_file, run.info.run_id)
         return run.info.run_id
 
     def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:

@@ -28,6 +28,7 @@ from ftcl.config import dump, flatten, load_yaml
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
 from ftcl.errors import ConfigError, NonFiniteLossError
+from ftcl.files import TMP_GLOB, write_json
 from ftcl.methods.base import Method, StepOutput, build_method, ema_update
 from ftcl.models.backbones import build_backbone
 from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves
@@ -311,7 +312,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     data = preflight(cfg, world, out_dir)
     if main:
         dump(cfg, out_dir / "config.yaml")
-        for stale in ckpt_dir.glob(".*.tmp"):  # left by a kill during a write; never a checkpoint
+        for stale in ckpt_dir.glob(TMP_GLOB):  # left by a kill during a write; never a checkpoint
             stale.unlink(missing_ok=True)
 
     layout = batch_layout(cfg, world)
@@ -428,7 +429,5 @@ def _finish(cfg: Mapping, out_dir: Path, score_dir: Path, last: dict, logger: Ru
         logger.log_artifact(score_dir, "score_distribution")
     logger.log_artifact(out_dir / "config.yaml", "config")
     summary = {"epochs": cfg["optim"]["epochs"], **last, "checkpoint": str(out_dir / "checkpoints" / ckpt.LAST)}
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(done)
+    write_json(done, summary)
     return summary

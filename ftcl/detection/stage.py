@@ -36,6 +36,7 @@ from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ftcl.detection.metrics import DEFINITIONS, METRICS, evaluate_detections
 from ftcl.detection.model import FPN_LEVELS, build_detector
 from ftcl.detection.train import base_lr, precise_bn, predict, train_detector
+from ftcl.files import replacing
 
 RESULT_FILE = "detection.json"
 PER_CLASS_FILE = "per_class_ap.csv"
@@ -238,14 +239,11 @@ def _backbone_name(det: Mapping, model_cfg: Mapping) -> str:
 def write_per_class_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     """One row per class: name, number of non-difficult boxes, then :data:`METRICS` (percent; empty
     where the class has no boxes)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with replacing(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["class", "num_boxes", *METRICS])
         writer.writeheader()
         writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                          for r in rows)
-    tmp.replace(path)
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ftcl.files import write_text
+
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
        max-width: 1200px; padding: 0 1rem; color: #1f2328; line-height: 1.45; }
@@ -104,9 +106,4 @@ def render_report(
 
 def write_report(path: str | Path, **kwargs) -> Path:
     """Write :func:`render_report` to ``path`` (written to a temporary file, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(**kwargs), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, render_report(**kwargs))
