@@ -15,13 +15,6 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
   fi
-  # optional: libjpeg-turbo's headers for the C extension ftcl.data._jpegregion (the JPEG region
-  # decoder; libjpeg-dev is libjpeg-turbo's on Debian and Ubuntu); without them the build skips it
-  if ! dpkg -s libjpeg-dev >/dev/null 2>&1; then
-    echo "[install] apt-get install libjpeg-dev (optional)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        libjpeg-dev >/dev/null; } || echo "[install] libjpeg-dev not installed: imagefolder JPEGs will be decoded whole"
-  fi
 elif [ ! -d /usr/share/datasets/fashion-mnist ]; then
   echo "[install] not root: install Debian's dataset-fashion-mnist yourself, or set data.root to a folder"
   echo "          holding the Fashion-MNIST idx files (train-images-idx3-ubyte.gz, ...)"
@@ -35,5 +28,4 @@ echo "[install] pip install -e .[test] into .venv (torch is large: a few minutes
 .venv/bin/pip install -q --no-deps deepforest==2.1.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import ftcl, torch, torchvision, mlflow, snakemake, submitit, simplejpeg" \
   && echo "[install] done: .venv/bin/ftcl, .venv/bin/snakemake"
-# optional: without a C compiler or libjpeg-turbo's headers the JPEG fast path decodes whole files
 .venv/bin/python -c "from ftcl.data.jpeg import decoder; print('[install] JPEG decoder (data.decode: fast):', decoder())"

@@ -47,7 +47,7 @@ from torchvision import datasets, transforms
 
 from ftcl import config
 from ftcl.data.datasets import build_dataset
-from ftcl.data.jpeg import FastCrops, decode_for_views, decoder, draft_reduction, turbo_decode, turbo_size
+from ftcl.data.jpeg import FastCrops, decoder, draft_reduction, turbo_decode, turbo_size
 from ftcl.results.stats import goal_verdict, ratio_interval
 
 # (width, height): share of files. Mostly ImageNet's 500 x 375 / 375 x 500, some other sizes.
@@ -137,32 +137,24 @@ def draft_share(root: Path, crop_scale: tuple[float, float]) -> float:
     return reduced / len(paths)
 
 
-def decode_floor(root: Path, crop_scale: tuple[float, float], repeats: int = 3) -> dict[str, float]:
+def decode_floor(root: Path, repeats: int = 3) -> dict[str, float]:
     """ms per file (best of ``repeats`` passes) of decoding alone: PIL full size (as the reference
-    reads a file) and, with the fast path's own decoders (absent without ``simplejpeg``), TurboJPEG at
-    full size and at a 1/8 DCT scaling (little left but entropy decoding, which every decode pays),
-    and what the fast path decodes for one item (with ``ftcl.data._jpegregion``: only the rectangle
-    its two views read, from boxes drawn with seed 0)."""
+    reads a file) and, with the fast path's own decoder (absent without ``simplejpeg``), TurboJPEG at
+    full size (what decode=fast does for most items) and at a 1/8 DCT scaling (little left but
+    entropy decoding, which every decode pays)."""
     files = [path.read_bytes() for path in sorted(root.glob("train/*/*.jpg"))]
     sizes = [turbo_size(data) for data in files]
-    ways = {"PIL": lambda data, size, _: Image.open(io.BytesIO(data)).convert("RGB")}
+    ways = {"PIL": lambda data, size: Image.open(io.BytesIO(data)).convert("RGB")}
     if all(sizes):
-        crops = FastCrops(VIEW_SIZE, crop_scale)
-        torch.manual_seed(0)
-        plans = [crops.boxes(size[1], size[0]) for size in sizes]
-        ways["TurboJPEG"] = lambda data, size, _: turbo_decode(data, size)
-        ways["TurboJPEG 1/8"] = lambda data, size, _: turbo_decode(data, size, 8)
-        ways["fast path"] = lambda data, size, boxes: decode_for_views(data, size, boxes,
-                                                                       draft_reduction(boxes, VIEW_SIZE))
-    else:
-        plans = [None] * len(files)
+        ways["TurboJPEG"] = lambda data, size: turbo_decode(data, size)
+        ways["TurboJPEG 1/8"] = lambda data, size: turbo_decode(data, size, 8)
     out = {}
     for name, decode in ways.items():
         best = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for data, size, plan in zip(files, sizes, plans):
-                decode(data, size, plan)
+            for data, size in zip(files, sizes):
+                decode(data, size)
             best = min(best, time.perf_counter() - t0)
         out[name] = 1e3 * best / len(files)
     return out
@@ -216,7 +208,7 @@ def jpeg_section(files: int = 200, pairs: int = 10, folder: str | None = None) -
             reduced = draft_share(root, crop_scale)
             torch.manual_seed(0)
             rates = measure(items, info["files"], pairs)
-            floor = decode_floor(root, crop_scale)
+            floor = decode_floor(root)
     finally:
         torch.set_num_threads(threads)
     print(f"\n# jpeg: imagefolder pretraining items ({VIEW_SIZE} px, two views, crop scale {list(crop_scale)}), "
@@ -244,8 +236,7 @@ def jpeg_section(files: int = 200, pairs: int = 10, folder: str | None = None) -
     print(f"goal: decode=fast at least {GOAL:g}x the reference per worker: "
           f"{goal_verdict(fast['low'], fast['high'], GOAL)} (interval [{fast['low']:.2f}, {fast['high']:.2f}])")
     turbo = (f"TurboJPEG {floor['TurboJPEG']:.2f}, TurboJPEG at 1/8 scale {floor['TurboJPEG 1/8']:.2f} "
-             f"(mostly entropy decoding, which every decode pays), what decode=fast decodes for an item "
-             f"{floor['fast path']:.2f}" if "TurboJPEG" in floor
+             f"(mostly entropy decoding, which every decode pays)" if "TurboJPEG" in floor
              else "TurboJPEG not measured (simplejpeg is not installed)")
     print(f"decoding alone, ms per file (best of 3 passes): PIL {floor['PIL']:.2f}, {turbo}; "
           f"reference {1e3 / out['reference']['images_per_s']:.2f} and decode=fast "

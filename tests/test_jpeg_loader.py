@@ -223,115 +223,6 @@ def test_without_simplejpeg_pil_decodes_and_the_items_are_the_same(jpeg_root, mo
     assert all(torch.equal(a, fast[i][0]) for i, a in enumerate(turbo))
 
 
-def test_the_region_decoder_is_built():
-    """The install builds the C extension (install.sh installs libjpeg-turbo's headers as root); without
-    it the fast path still works but decodes whole files, and the tests below would not run it."""
-    assert jpeg._jpegregion is not None, (
-        "ftcl.data._jpegregion is not built: install gcc and libjpeg-turbo's headers (Debian: "
-        "libjpeg62-turbo-dev), then pip install -e . again")
-    assert jpeg._jpegregion.LIBJPEG_TURBO_VERSION >= 2001000
-
-
-region_decoder = pytest.mark.skipif(jpeg._jpegregion is None, reason="ftcl.data._jpegregion is not built")
-
-
-def variants(img: Image.Image) -> dict[str, bytes]:
-    """The same picture as a baseline 4:2:0, 4:2:2, 4:4:4, 4:4:0, 4:1:1, progressive, quality-75 and
-    greyscale JPEG (4:4:0 and 4:1:1, which Pillow does not write, by libjpeg-turbo through simplejpeg)."""
-    out = {sub: jpeg.simplejpeg.encode_jpeg(np.asarray(img), 90, "RGB", sub) for sub in ("440", "411")}
-    for name, image, options in (("420", img, {}), ("422", img, {"subsampling": 1}), ("444", img, {"subsampling": 0}),
-                                 ("progressive", img, {"progressive": True}), ("q75", img, {"quality": 75}),
-                                 ("gray", img.convert("L"), {})):
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=options.pop("quality", 90), **options)
-        out[name] = buffer.getvalue()
-    return out
-
-
-@region_decoder
-def test_region_decode_is_the_whole_decode_inside_the_region():
-    """Every pixel the views read from a region decode (rows [top, bottom), columns [left, right),
-    decoded one column wider on each side) is the whole-file decode's pixel, at full size and at every
-    DCT scaling, for every chroma subsampling, progressive and greyscale files."""
-    rng = np.random.default_rng(0)
-    for name, data in variants(photo(203, 157, 5)).items():
-        size = jpeg.turbo_size(data)
-        for reduction in (1, 2, 4, 8):
-            whole = jpeg.turbo_decode(data, size, reduction)
-            height, width = whole.shape[:2]
-            for _ in range(12):
-                top, bottom = sorted(rng.choice(height + 1, 2, replace=False).tolist())
-                left, right = sorted(rng.choice(width + 1, 2, replace=False).tolist())
-                window = (top, bottom, max(0, left - jpeg.UPSAMPLE_MARGIN), min(width, right + jpeg.UPSAMPLE_MARGIN))
-                pixels, y0, x0 = jpeg.region_decode(data, reduction, window)
-                assert y0 == top and x0 <= window[2] and pixels.shape[0] == bottom - top
-                assert np.array_equal(pixels[:, left - x0 : right - x0], whole[top:bottom, left:right]), (
-                    name, reduction, (top, bottom, left, right))
-
-
-@region_decoder
-def test_region_decoder_refuses_what_it_does_not_decode(jpeg_root):
-    good = (jpeg_root / "train" / "c0" / "0.jpg").read_bytes()
-    cmyk = (jpeg_root / "train" / "c1" / "cmyk.jpg").read_bytes()
-    start_of_scan = good.index(b"\xff\xda")
-    warning = good[:start_of_scan] + b"\x00\x00\x00" + good[start_of_scan:]  # libjpeg: "extraneous bytes"
-    decode = jpeg._jpegregion.decode
-    assert decode(cmyk, 1, 0, 10, 0, 10) is None  # CMYK goes to PIL
-    assert decode(warning, 1, 0, 10, 0, 10) is None  # any libjpeg warning: the whole-file path decides
-    assert decode(good[: len(good) // 2] + jpeg.JPEG_EOI, 1, 0, 120, 0, 160) is None  # runs out of data
-    assert jpeg.region_decode(good[:-2], 1, (0, 10, 0, 10)) is None  # no EOI marker: not even tried
-    with pytest.raises(ValueError, match=r"not inside the 160 x 120 \(width x height\) image"):
-        decode(good, 1, 0, 121, 0, 10)
-    with pytest.raises(ValueError, match=r"rows \[5, 5\) x columns \[0, 10\) is empty or negative"):
-        decode(good, 1, 5, 5, 0, 10)
-    with pytest.raises(ValueError, match="reduction must be 1, 2, 4 or 8"):
-        decode(good, 3, 0, 10, 0, 10)
-
-
-@region_decoder
-@pytest.mark.parametrize("mode", ["pretrain", "eval_aug"])
-def test_items_are_the_same_with_and_without_the_region_decoder(jpeg_root, monkeypatch, mode):
-    """Region decoding changes no pixel of any item. Items decoded at a DCT reduction are decoded whole
-    (PIL's resize of a fractional box depends on the image's size: see region_window); both happen here."""
-    fast, _ = pair(jpeg_root, mode)
-    windows = []
-    decode = jpeg.region_decode
-    monkeypatch.setattr(jpeg, "region_decode", lambda data, reduction, window: (
-        windows.append((reduction, window)) or decode(data, reduction, window)))
-    items = []
-    for seed in range(6):
-        torch.manual_seed(seed)
-        items.append([fast[i][0] for i in range(len(fast))])
-    assert {r for r, w in windows if w is None} == {2, 4, 8}
-    assert any(w[0] > 0 and w[2] > 0 for r, w in windows if r == 1)  # regions that skip rows and columns
-    monkeypatch.setattr(jpeg, "_jpegregion", None)
-    for seed in range(6):
-        torch.manual_seed(seed)
-        assert all(torch.equal(a, fast[i][0]) for i, a in enumerate(items[seed])), seed
-
-
-@region_decoder
-def test_a_truncated_jpeg_fails_even_when_its_views_lie_in_the_part_that_is_there(tmp_path, monkeypatch):
-    """The region decoder stops below the views' last row, so it would not notice a file cut short
-    below them (shown directly); such files (no EOI marker) are decoded whole and fail as the
-    reference path fails, whatever the boxes."""
-    buffer = io.BytesIO()
-    photo(320, 480, 3).save(buffer, "JPEG", quality=90)
-    data = buffer.getvalue()
-    path = tmp_path / "cut.jpg"
-    path.write_bytes(data[: int(len(data) * 0.95)])
-    assert jpeg._jpegregion.decode(path.read_bytes(), 1, 0, 16, 0, 16) is not None
-    crops = jpeg.FastCrops(224, SCALE)  # 224 px views of a 320 x 480 image: never DCT-scaled, so regions
-    windows = []
-    window = jpeg.region_window
-    monkeypatch.setattr(jpeg, "region_window", lambda *args: windows.append(window(*args)) or windows[-1])
-    for seed in range(10):
-        torch.manual_seed(seed)
-        with pytest.raises(CorruptImageError, match="cannot decode image file .*cut.jpg"):
-            crops(path)
-    assert len(windows) == 10 and None not in windows  # every item asked for a region
-
-
 def test_pixels_without_arrow_give_the_same_items(jpeg_root, monkeypatch):
     fast, _ = pair(jpeg_root, "pretrain")
     torch.manual_seed(3)
@@ -391,6 +282,8 @@ def test_corrupt_jpeg_fails_naming_the_file(tmp_path, jpeg_root):
         (tmp_path / split / "c0").mkdir(parents=True)
     good = (jpeg_root / "train" / "c0" / "2.jpg").read_bytes()
     (tmp_path / "train" / "c0" / "a_truncated.jpg").write_bytes(good[: len(good) // 2])
+    small = (jpeg_root / "train" / "c0" / "4.jpg").read_bytes()  # 300 x 40: always decoded at full size
+    (tmp_path / "train" / "c0" / "a_truncated_near_the_end.jpg").write_bytes(small[: int(len(small) * 0.95)])
     (tmp_path / "train" / "c0" / "b_not_an_image.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     for mode in ("pretrain", "eval_aug"):
         fast = build_dataset(cfg(tmp_path, decode="fast"), "train", mode, SCALE)

@@ -14,27 +14,16 @@ What :class:`FastCrops` does per file, and why (chosen by measurement, ``benchma
    the same fallback to a center crop after 10 failed attempts. With the same seed the boxes are
    *identical* to the reference's, so the crop statistics are unchanged; the draws reuse two
    one-element tensors instead of allocating about ten per box (4-5x faster per box).
-2. Decode the file once for all views, and at full size only the rectangle they read. A baseline
-   or progressive YCbCr or greyscale JPEG is decoded with the same DCT (accurate integer) and
-   chroma upsampling (fancy) as Pillow's decoder, so the pixels are bit-identical to PIL's (tested,
-   at full size and at every DCT scaling):
-
-   * at full size, by the C extension ``ftcl.data._jpegregion`` (libjpeg-turbo >= 2.1's scanline
-     API, built at install): rows above the views' bounding rectangle are only entropy-decoded, rows
-     below it are not read (a progressive file is entropy-decoded whole), and columns outside it get
-     no IDCT, upsampling or colour conversion (:func:`region_window`, :func:`region_decode`; one
-     extra column each side, where fancy upsampling would otherwise differ). What the fast path
-     decodes takes 1.9-2.1 ms per item of the benchmark's set, against 2.2-2.4 ms for the whole
-     file with TurboJPEG and 2.6-2.9 ms with PIL (open + decode) here. A file that does not end
-     with the EOI marker (e.g. truncated) is decoded whole, so that it fails as in the reference;
-   * whole, by libjpeg-turbo's TurboJPEG interface (``simplejpeg``) at a DCT scaling (step 3), or
-     where the extension is not built.
-
-   A file libjpeg reports any warning for in what it reads (e.g. its recoverable "corrupt data"
-   warnings; both decoders are strict), a CMYK JPEG and every non-JPEG file (e.g. PNG) are decoded
-   by PIL instead, as the reference path decodes them. (Damage in the entropy data below the views'
-   rows is never read by a region decode; PIL, which decodes through such damage, gives those views
-   the same pixels.)
+2. Decode the whole file once for all views. A baseline or progressive YCbCr or greyscale JPEG is
+   decoded by libjpeg-turbo's TurboJPEG interface (``simplejpeg``, :func:`turbo_decode`) straight
+   into a packed ``H x W x 3`` array, with the same DCT (accurate integer) and chroma upsampling
+   (fancy) as Pillow's decoder: the pixels are bit-identical to PIL's (tested, at full size and at
+   every DCT scaling), and the decode takes 2.2-2.4 ms per file of the benchmark's set against
+   PIL's 2.6-2.9 ms (open + decode) here. A file TurboJPEG rejects (e.g. libjpeg's recoverable
+   "corrupt data" warnings, which its strict mode raises; a truncated file, which PIL then fails
+   on as in the reference), a CMYK JPEG and every non-JPEG file (e.g. PNG) are decoded by PIL
+   instead, as the reference path decodes them; so is every file when ``simplejpeg`` is not
+   installed.
 3. A JPEG is decoded with libjpeg's DCT scaling at the largest reduction r in 1/2, 1/4, 1/8 that
    still leaves every view's box at least S pixels high and wide (box side / r >= S); the views are
    then resampled from the reduced image with PIL's antialiased bilinear resize of the scaled
@@ -55,15 +44,17 @@ into a batch with the same strides (torch's default collate would transpose them
 the training step reads either layout.
 
 Where the time goes on typical ImageNet files (about 500 x 375, decoded at full size at S = 224):
-decoding is the floor, 1.9-2.1 ms of the 3.2-3.8 ms an item takes here, and most of it is entropy
-decoding, which every decode pays down to the views' last row (a 1/8-scaled decode of the whole
-file takes 1.4-1.5 ms); the rest is the two crops' resize (about 0.33 ms each, plus 0.05-0.06 ms to
-copy each crop) and the box draws. Also measured
-and not taken: libjpeg's M/8 scalings other than 1/2, 1/4, 1/8 (no SIMD IDCT: 5/8 .. 7/8 decode
-slower than full size); ``torchvision.io.decode_jpeg`` (bit-identical, 2.5 ms, and deprecated in
-torchvision 0.29 in favour of TorchCodec); libjpeg's fast chroma upsampling (no faster here, and
-the 224 px views move by 1.8 grey levels on average) and fast integer DCT (moves pixels by about 4
-grey levels on average).
+decoding is the floor, 2.2-2.4 ms of the about 4 ms an item takes here, and most of it is entropy
+decoding, which every decode pays (a 1/8-scaled decode still takes 1.4-1.5 ms); the rest is the two
+crops' resize (about 0.33 ms each, plus 0.05-0.06 ms to copy each crop) and the box draws. Also
+measured and not taken: libjpeg's M/8 scalings other than 1/2, 1/4, 1/8 (no SIMD IDCT: 5/8 .. 7/8
+decode slower than full size); ``torchvision.io.decode_jpeg`` (bit-identical, 2.5 ms, and
+deprecated in torchvision 0.29 in favour of TorchCodec); libjpeg's fast chroma upsampling (no faster
+here, and the 224 px views move by 1.8 grey levels on average) and fast integer DCT (moves pixels by
+about 4 grey levels on average); decoding only the rectangle the views read (libjpeg-turbo's
+scanline skip and crop, which no maintained Python binding offers: through a C extension of ftcl's
+own it took the fast path from 1.90x to 2.07x of the reference per worker, about one loader worker
+fewer for 2500 images/s, not worth a fourth decode path in native code).
 
 Files that cannot be decoded raise :class:`~ftcl.errors.CorruptImageError` naming the file
 (:func:`cannot_decode`), whichever path reads them.
@@ -89,10 +80,6 @@ try:  # a declared dependency; without it (e.g. a bare GPU machine's Python) eve
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     simplejpeg = None
-try:  # the C extension built at install when a compiler and libjpeg-turbo's headers are there
-    from ftcl.data import _jpegregion
-except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    _jpegregion = None
 
 DECODE_MODES = ("fast", "pil")
 DEFAULT_DECODE = "fast"
@@ -102,10 +89,6 @@ DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 # Pillow exports an image's pixel memory as an Arrow array (RGB as 4 bytes a pixel) since 11.2
 _ARROW_EXPORT = hasattr(Image.Image, "__arrow_c_array__")
 JPEG_SOI = b"\xff\xd8"  # every JPEG file starts with this marker
-JPEG_EOI = b"\xff\xd9"  # ... and a whole one ends with this one (a truncated file does not)
-# columns each side of a decoded region whose pixels fancy chroma upsampling leaves unlike a whole
-# decode's (it has no neighbour there): a region is decoded this much wider than the views read
-UPSAMPLE_MARGIN = 1
 # the JPEG colour spaces TurboJPEG converts to RGB exactly as Pillow does (CMYK/YCCK go to PIL)
 TURBO_COLORSPACES = ("YCbCr", "Gray")
 
@@ -120,9 +103,7 @@ def decoder() -> str:
     benchmarks print it)."""
     if simplejpeg is None:
         return "PIL (simplejpeg is not installed)"
-    if _jpegregion is None:
-        return "TurboJPEG, whole files (ftcl.data._jpegregion is not built)"
-    return "libjpeg-turbo regions (ftcl.data._jpegregion), TurboJPEG for DCT-scaled decodes"
+    return "TurboJPEG (simplejpeg), whole files, DCT-scaled where the crops allow; PIL for the rest"
 
 
 def check_decode(decode: str) -> str:
@@ -186,59 +167,6 @@ def turbo_decode(data: bytes, size: tuple[int, int], reduction: int = 1) -> np.n
                                       min_width=-(-width // reduction))
     except ValueError:
         return None
-
-
-def region_window(boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, int],
-                  reduction: int) -> tuple[int, int, int, int] | None:
-    """``(top, bottom, left, right)``: the rectangle of a ``size`` ``(height, width)`` image that
-    :class:`FastCrops` reads to crop the ``(top, left, height, width)`` boxes from a full-size
-    decode: the boxes' bounding rectangle, :data:`UPSAMPLE_MARGIN` columns wider on each side.
-
-    None at a DCT reduction (> 1), where the file is decoded whole: there the views are PIL resizes
-    of fractional boxes, and PIL's result depends on more than the pixels it reads (measured: with
-    the same box and pixels, an image cut rows or columns beyond everything the filter reads moved
-    up to a quarter of a view's values by a grey level), so a region would change the views."""
-    if reduction != 1:
-        return None
-    top = min(t for t, _, _, _ in boxes)
-    bottom = max(t + h for t, _, h, _ in boxes)
-    left = min(x for _, x, _, _ in boxes)
-    right = max(x + w for _, x, _, w in boxes)
-    return top, bottom, max(0, left - UPSAMPLE_MARGIN), min(size[1], right + UPSAMPLE_MARGIN)
-
-
-def region_decode(data: bytes, reduction: int, window: tuple[int, int, int, int] | None
-                  ) -> tuple[np.ndarray, int, int] | None:
-    """Rows ``[top, bottom)`` and (at least) columns ``[left, right)`` of a whole YCbCr or greyscale
-    JPEG decoded at 1/``reduction`` (``window``, e.g. from :func:`region_window`) by the C extension
-    ``ftcl.data._jpegregion`` (libjpeg-turbo's scanline skip and crop, same DCT and upsampling as
-    :func:`turbo_decode`): ``(pixels, top, x0)``, a packed ``rows x columns x 3`` uint8 array and the
-    position of its corner in the scaled image. Its pixels are the whole decode's (tested) except in
-    its first and last column (fancy upsampling; :data:`UPSAMPLE_MARGIN`). None when there is no
-    window, the extension is not built, the file does not end with the EOI marker (truncated, or
-    bytes after the image: the whole-file decode then reports or reads it as before), or libjpeg
-    reports any error or warning."""
-    if window is None or _jpegregion is None or not data.endswith(JPEG_EOI):
-        return None
-    top, bottom, left, right = window
-    decoded = _jpegregion.decode(data, reduction, top, bottom, left, right)
-    if decoded is None:
-        return None
-    buffer, x0, columns = decoded
-    return np.frombuffer(buffer, np.uint8).reshape(bottom - top, columns, 3), top, x0
-
-
-def decode_for_views(data: bytes, size: tuple[int, int], boxes: Sequence[tuple[int, int, int, int]],
-                     reduction: int) -> tuple[np.ndarray, int, int] | None:
-    """What :class:`FastCrops` decodes of a YCbCr or greyscale JPEG of ``size`` ``(height, width)``
-    for views of the full-resolution ``boxes`` at 1/``reduction``: ``(pixels, top, left)``, the
-    region they read (:func:`region_decode`) or else the whole image (:func:`turbo_decode`, corner
-    ``(0, 0)``); None when TurboJPEG refuses the file too (PIL then decodes it)."""
-    region = region_decode(data, reduction, region_window(boxes, size, reduction))
-    if region is not None:
-        return region
-    pixels = turbo_decode(data, size, reduction)
-    return None if pixels is None else (pixels, 0, 0)
 
 
 class BoxSampler:
@@ -329,18 +257,17 @@ class FastCrops:
         draws = self.boxes(size[1], size[0])
         boxes = [d[:4] for d in draws]
         reduction = draft_reduction(boxes, self.size) if img is None or img.format == "JPEG" else 1
-        decoded = decode_for_views(data, size, boxes, reduction) if img is None else None
-        pixels, top, left = decoded if decoded is not None else (None, 0, 0)
+        pixels = turbo_decode(data, size, reduction) if img is None else None
         if pixels is None:  # not for TurboJPEG, or TurboJPEG refused it
             img = self._pil_decode(path, data, img, reduction)
         elif reduction > 1:
-            img = Image.fromarray(pixels)  # the whole image (region_window)
+            img = Image.fromarray(pixels)
         out = torch.empty((self.views, self.size, self.size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
         if reduction > 1:
             self._resize_scaled(img, boxes, reduction, out)
         else:
             full = torch.from_numpy(pixels).permute(2, 0, 1) if pixels is not None else _pixels(img)
-            self._resize(full, [(t - top, x - left, h, w) for t, x, h, w in boxes], out)
+            self._resize(full, boxes, out)
         if self.flip:
             for k, draw in enumerate(draws):
                 if draw[4]:
