@@ -85,14 +85,13 @@ def _evaluate(args: argparse.Namespace, stage: str) -> int:
     state = ckpt.load(path)
     cfg = _resolve(args, base=None if args.config else state["config"])
     _check_writable(args.out)
-    from ftcl import determinism
     from ftcl.config import dump, flatten
     from ftcl.evaluate import knn_eval, linear_probe, write_result
     from ftcl.models.backbones import build_backbone
+    from ftcl.runtime import apply_determinism, select_device
     from ftcl.tracking import Tracker
-    from ftcl.train import select_device
 
-    determinism.apply(cfg)
+    apply_determinism(cfg["deterministic"]["enabled"], cfg["deterministic"]["threads"])
     device = select_device(cfg["device"])
     backbone = build_backbone(state["config"]["model"], int(state["in_channels"]))
     ckpt.load_backbone_state(backbone, state["backbone"], path)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -17,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ftcl import checkpoint as ckpt
-from ftcl import determinism
+from ftcl import runtime
 from ftcl.config import dump, flatten, load_yaml
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
@@ -121,39 +118,6 @@ def learning_rate(cfg: Mapping, epoch: int, it: int, iters: int) -> float:
     return eta_min + (base - eta_min) * 0.5 * (1 + math.cos(math.pi * (epoch - o["warmup_epochs"]) / span))
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def setup_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun / submitit env vars when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return _rank(), _world_size()
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("key 'device' is 'cuda' but no CUDA device is visible; allowed here: 'auto', 'cpu'")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _loader(dataset, cfg: Mapping, layout: BatchLayout, device: torch.device, seed: int) -> DataLoader:
     sampler = DistributedSampler(dataset, seed=seed, drop_last=True) if layout.world > 1 else None
     workers = int(cfg["data"]["num_workers"]) if not dataset.crops_on_device else 0
@@ -164,21 +128,6 @@ def _loader(dataset, cfg: Mapping, layout: BatchLayout, device: torch.device, se
         drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, generator=g, collate_fn=dataset.collate,
     )
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TrainStep:
@@ -281,7 +230,7 @@ def preflight(cfg: Mapping, world: int = 1, out_dir: str | Path | None = None):
     """The training set, after the checks that must fail before any compute or tracking starts
     (batch layout, device, with ``out_dir`` also :func:`check_resume`)."""
     batch_layout(cfg, world)
-    select_device(cfg["device"])
+    runtime.select_device(cfg["device"])
     if out_dir is not None:
         check_resume(cfg, out_dir)
     data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
@@ -301,13 +250,13 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     of the broken state is written.
     """
     out_dir, logger = Path(out_dir), logger or NullLogger()
-    rank, world = setup_distributed()
+    rank, world = runtime.setup_distributed()
     main = rank == 0
     if not main:
         echo = _silent
-    determinism.apply(cfg)
-    device = select_device(cfg["device"])
-    seed_everything(cfg["seed"] + rank)
+    runtime.apply_determinism(cfg["deterministic"]["enabled"], cfg["deterministic"]["threads"])
+    device = runtime.select_device(cfg["device"])
+    runtime.seed_everything(cfg["seed"] + rank)
     ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"
     data = preflight(cfg, world, out_dir)
     if main:
@@ -326,7 +275,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         start_epoch, iteration = state["epoch"], state["iteration"]
         echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{cfg['optim']['epochs']}")
 
@@ -375,7 +324,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
             ckpt.save_epoch({
                 "epoch": epoch + 1, "iteration": iteration, "config": dict(cfg), "in_channels": data.channels,
                 "backbone": method.backbone.state_dict(), "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
             }, ckpt_dir, cfg["checkpoint"]["keep"])
             echo(_progress_line(epoch, cfg["optim"]["epochs"], metrics))
         summary = metrics
@@ -383,7 +332,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         ckpt.save_epoch({
             "epoch": 0, "iteration": 0, "config": dict(cfg), "in_channels": data.channels,
             "backbone": method.backbone.state_dict(), "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+            "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
         }, ckpt_dir, cfg["checkpoint"]["keep"])
         echo(f"[pretrain] optim.epochs is 0: saved the random initialisation (seed {cfg['seed']}) as {ckpt_dir}")
         summary = {"pretrain/epochs": 0}

@@ -29,7 +29,7 @@ from typing import Any
 from torchvision.models.detection import FasterRCNN
 
 from ftcl import checkpoint as ckpt
-from ftcl import config, determinism
+from ftcl import config, runtime
 from ftcl.config import Config, ConfigError
 from ftcl.data import detection as ddata
 from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -150,13 +150,12 @@ def prepare_detection(cfg: Mapping, det: Mapping[str, Any], checkpoint: str | Pa
     The backbone's architecture comes from the checkpoint when one is given (so ``random`` rows
     match the pretrained ones), else from ``cfg["model"]``.
     """
-    from ftcl.train import seed_everything
 
     checkpoint = ckpt.resolve_checkpoint_path(checkpoint) if checkpoint is not None else None
     data = build_detection_data(cfg, det, out)
     state = ckpt.load(checkpoint) if checkpoint is not None else None
     model_cfg = state["config"]["model"] if state else cfg["model"]
-    seed_everything(int(cfg["seed"]))
+    runtime.seed_everything(int(cfg["seed"]))
     model = build_detector(det["init"], checkpoint, det["head"], len(data.classes), det["norm"],
                            model_cfg=model_cfg, in_channels=int(state["in_channels"]) if state else 3,
                            supervised_weights=det["supervised_weights"], settings=det,
@@ -169,11 +168,10 @@ def fit_and_evaluate(job: DetectionJob, cfg: Mapping, det: Mapping[str, Any], ou
     """Fine-tune, run Precise BN, evaluate on the test set, write ``<out>/detection.json`` and
     ``per_class_ap.csv``; returns the detection.json content."""
     from ftcl.evaluate import write_result
-    from ftcl.train import select_device
 
     data, out, seed = job.data, Path(out), int(cfg["seed"])
-    determinism.apply(cfg)
-    device = select_device(cfg["device"])
+    runtime.apply_determinism(cfg["deterministic"]["enabled"], cfg["deterministic"]["threads"])
+    device = runtime.select_device(cfg["device"])
     log(f"[detect] {det['head']} head, init {det['init']}, norm {det['norm']}: {len(data.train)} training "
         f"/ {len(data.test)} test images, {len(data.classes)} classes, {det['iterations']} iterations of "
         f"{det['batch_size']} images at lr {base_lr(det):.3g} on {device}")

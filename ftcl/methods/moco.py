@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ftcl.methods.base import METHODS, Method, StepOutput, fp32
 from ftcl.models.heads import Encoder, ProjectionHead
 from ftcl.models.split_bn import convert_split_batchnorm, frozen_bn_statistics, split_shuffle
+from ftcl.runtime import distributed
 from ftcl.transforms.fa import FeatureAugmentation, multi_positive_info_nce, weighted_mean
 from ftcl.transforms.ft import FeatureTransform
 from ftcl.transforms.hsg import HardSampleGenerator, input_channels
@@ -38,17 +39,13 @@ def info_nce(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def gather_all(x: Tensor, grad: bool = False) -> Tensor:
     """Concatenate ``x`` from every process; identity when not distributed.
 
     Without ``grad`` no gradient flows. With it the gather is autograd-aware: the backward pass sums
     the gradients every process computed for the rows of the gathered tensor and hands each process
     those of its own ``x``, so a sample's gradient reaches the process it came from."""
-    if not _distributed():
+    if not distributed():
         return x
     if grad:
         # imported here: the module needs a distributed build; its all_gather is deprecated in favour of
@@ -125,7 +122,7 @@ class MoCo(Method):
         with nullcontext() if grad else torch.no_grad():
             if not self.shuffle_bn:
                 return self.encoder_k(view)
-            if not _distributed():
+            if not distributed():
                 return self._split_shuffled_keys(view)
             world, rank = dist.get_world_size(), dist.get_rank()
             full = gather_all(view, grad)
