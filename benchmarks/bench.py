@@ -25,7 +25,7 @@ import torch
 
 from ftcl import config
 from ftcl.results.stats import goal_verdict, ratio_interval
-from ftcl.scores import ScoreRecorder
+from ftcl.scores import ScoreRecorder, histogram_range
 from ftcl.train import TrainStep
 
 CPU_MODEL = {"model.width": 16, "model.small_stem": False, "method.queue_size": 4096, "model.feature_dim": 64,
@@ -82,9 +82,9 @@ def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: to
     for name, (overrides, record) in variants.items():
         cfg = config.resolve(overrides={**base, **overrides})
         torch.manual_seed(0)
-        step = TrainStep.build(cfg, data, device)
-        recorder = ScoreRecorder.from_config({**cfg["scores"], "histogram_epochs": [0]}, steps, 1, device,
-                                             cfg["ft"]) if record else None
+        step = TrainStep.build(cfg, data, device, config.batch_layout(cfg))
+        recorder = ScoreRecorder(steps, 1, [0], cfg.scores.histogram_every, cfg.scores.bins, device, cfg.scores.rows,
+                                 histogram_range(cfg.scores.range, cfg.ft.positive)) if record else None
         runners[name] = (step, recorder)
 
     def timed(name: str) -> float:

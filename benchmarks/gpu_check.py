@@ -46,7 +46,7 @@ def loader_images_per_s(root: Path, workers: int, batches: int = 12) -> float:
     from ftcl.data.datasets import build_dataset
 
     cfg = config.resolve(overrides={"data.dataset": "imagefolder", "data.root": str(root), "data.image_size": 224})
-    data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
+    data = build_dataset(cfg.data, "train", "pretrain", crop_scale=cfg.augment.crop_scale)
     loader = DataLoader(data, batch_size=256, shuffle=True, num_workers=workers, pin_memory=True,
                         persistent_workers=True, drop_last=True, prefetch_factor=4, collate_fn=data.collate)
     it = iter(loader)

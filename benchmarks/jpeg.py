@@ -27,6 +27,7 @@ and the worker processes each pipeline needs for 2500 images/s (``ceil(2500 / im
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import os
@@ -113,9 +114,10 @@ def pipelines(root: Path, crop_scale: tuple[float, float]) -> dict[str, Callable
     view = transforms.Compose([transforms.RandomResizedCrop(VIEW_SIZE, scale=crop_scale),
                                transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
     reference = datasets.ImageFolder(str(root / "train"), transform=_TwoViews(view))
-    data_cfg = {**config.defaults()["data"], "dataset": "imagefolder", "root": str(root), "image_size": VIEW_SIZE}
-    old = build_dataset({**data_cfg, "decode": "pil"}, "train", "pretrain", crop_scale)
-    new = build_dataset({**data_cfg, "decode": "fast"}, "train", "pretrain", crop_scale)
+    data_cfg = config.resolve(overrides={"data.dataset": "imagefolder", "data.root": str(root),
+                                         "data.image_size": VIEW_SIZE}).data
+    old = build_dataset(dataclasses.replace(data_cfg, decode="pil"), "train", "pretrain", crop_scale)
+    new = build_dataset(dataclasses.replace(data_cfg, decode="fast"), "train", "pretrain", crop_scale)
     assert [Path(p) for p, _ in reference.samples] == old.paths == new.paths, "pipelines read different files"
     def batches(items: Callable[[int], object], collate: Callable[[list], object]) -> Callable[[range], object]:
         return lambda indices: collate([items(i) for i in indices])

@@ -26,13 +26,14 @@ BIN = Path(sys.executable).parent
 
 def loading_vs_step(cfg: dict, batches: int = 8) -> dict[str, float]:
     """images/s of the data path alone (loader + two views) and of the full training step."""
-    from ftcl.train import TrainStep, _loader, batch_layout, preflight
+    from ftcl.config import batch_layout
+    from ftcl.train import TrainStep, _loader, preflight
 
     device = torch.device("cpu")
     data = preflight(cfg)
-    loader = _loader(data, cfg, batch_layout(cfg), device, 0)
-    step = TrainStep.build(cfg, data, device)
-    bs = cfg["optim"]["batch_size"]
+    loader = _loader(data, cfg.data.num_workers, batch_layout(cfg), device, 0)
+    step = TrainStep.build(cfg, data, device, batch_layout(cfg))
+    bs = cfg.optim.batch_size
 
     t0, n = time.perf_counter(), 0
     for i, (images, _) in enumerate(loader):

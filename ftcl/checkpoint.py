@@ -115,13 +115,19 @@ def load_backbone_state(backbone: nn.Module, state_dict: dict, source: str | Pat
     backbone.load_state_dict(state_dict, strict=True)
 
 
-def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the pretrained backbone from a checkpoint (file or run folder): ``(backbone, config)``."""
+def backbone_of(state: dict, source: str | Path) -> nn.Module:
+    """The pretrained backbone of a loaded checkpoint ``state`` (``source``: where it came from, for
+    errors): rebuilt from the model section of the config it saved, weights checked key by key."""
     from ftcl.models.backbones import build_backbone
 
+    model = state["config"]["model"]
+    backbone = build_backbone(model["backbone"], model["width"], model["small_stem"], int(state["in_channels"]))
+    load_backbone_state(backbone, state["backbone"], source)
+    return backbone
+
+
+def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the pretrained backbone from a checkpoint (file or run folder): ``(backbone, config)``."""
     path = resolve_checkpoint_path(path)
     state = load(path, map_location)
-    cfg = state["config"]
-    backbone = build_backbone(cfg["model"], in_channels=int(state["in_channels"]))
-    load_backbone_state(backbone, state["backbone"], path)
-    return backbone, cfg
+    return backbone_of(state, path), state["config"]

@@ -19,7 +19,6 @@ from pathlib import Path
 COMMAND_MODULES = {
     "ftcl.launch": ("submit",),
     "ftcl.runfolders": ("stage",),
-    "ftcl.detection.stage": ("detect",),
     "ftcl.results.command": ("aggregate", "table"),
     "ftcl.ui": ("ui",),
 }
@@ -41,76 +40,37 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) 
     p.add_argument("--out", type=Path, required=True, help="run folder for outputs (created; resumed if present)")
 
 
-def _resolve(args: argparse.Namespace, base: dict | None = None) -> dict:
-    from ftcl import config
-
-    return config.resolve(args.config, args.overrides, base=base)
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before compute when the output folder cannot be created or written."""
-    probe = out / ".ftcl_write_test"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(
-            f"output folder {out} cannot be written ({err.strerror}); give --out a writable folder"
-        ) from err
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg = _resolve(args)
-    _check_writable(args.out)
-    from ftcl.config import flatten
-    from ftcl.tracking import Tracker
-    from ftcl.train import preflight, pretrain
+    from ftcl import config, stages
 
-    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.out)  # data, sizes, resumability: before tracking
-
-    rank = int(os.environ.get("RANK", "0"))
-    with Tracker(cfg, args.out, "pretrain", rank=rank) as tracker:
-        tracker.log_params(flatten(cfg))
-        summary = pretrain(cfg, args.out, tracker)
-    if rank == 0:
-        print(f"[pretrain] done: {args.out / 'pretrain.json'} ({summary.get('epochs')} epochs)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / a launcher's tasks
+    stages.pretrain(config.resolve(args.config, args.overrides, world=world, stages=("pretrain",)), args.out)
     return 0
 
 
-def _evaluate(args: argparse.Namespace, stage: str) -> int:
+def _stage_config(args: argparse.Namespace, stage: str):
+    """The run config of an evaluation stage: ``--config`` (and ``--set``), else the config the
+    pretraining in ``--checkpoint`` saved (and ``--set``)."""
     from ftcl import checkpoint as ckpt
+    from ftcl import config
 
-    path = ckpt.resolve_checkpoint_path(args.checkpoint)
-    state = ckpt.load(path)
-    cfg = _resolve(args, base=None if args.config else state["config"])
-    _check_writable(args.out)
-    from ftcl.config import dump, flatten
-    from ftcl.evaluate import knn_eval, linear_probe, write_result
-    from ftcl.models.backbones import build_backbone
-    from ftcl.runtime import apply_determinism, select_device
-    from ftcl.tracking import Tracker
+    base = None
+    if args.config is None and args.checkpoint is not None:
+        base = ckpt.load(ckpt.resolve_checkpoint_path(args.checkpoint))["config"]
+    return config.resolve(args.config, args.overrides, base=base, stages=(stage,))
 
-    apply_determinism(cfg["deterministic"]["enabled"], cfg["deterministic"]["threads"])
-    device = select_device(cfg["device"])
-    backbone = build_backbone(state["config"]["model"], int(state["in_channels"]))
-    ckpt.load_backbone_state(backbone, state["backbone"], path)
-    backbone.to(device)
-    dump(cfg, args.out / "config.yaml")
-    with Tracker(cfg, args.out, stage) as tracker:
-        tracker.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("eval.", "data.", "seed"))})
-        result = linear_probe(backbone, cfg, device) if stage == "linear" else knn_eval(backbone, cfg, device)
-        result = {**result, "checkpoint": str(path), "pretrain_epochs": state["epoch"]}
-        tracker.log_metrics({f"{stage}/{k}": v for k, v in result.items()
-                             if k.startswith("top") and isinstance(v, int | float)}, step=state["epoch"])
-        tracker.log_params({f"protocol.{k}": v for k, v in result["protocol"].items()})
-        write_result(result, args.out / f"{stage}.json")
-        tracker.log_artifact(args.out / f"{stage}.json")
-    accs = " ".join(f"{k} {v:.2f}" for k, v in result.items() if k in ("top1", "top5"))
-    if stage == "linear":
-        accs += (f" ({result['protocol']['report']} epoch; best {result['top1_best']:.2f} "
-                 f"at epoch {result['best_epoch']})")
-    print(f"[{stage}] {accs} -> {args.out / f'{stage}.json'}")
+
+def cmd_evaluate(args: argparse.Namespace, stage: str) -> int:
+    from ftcl import stages
+
+    stages.evaluate(stage, _stage_config(args, stage), args.checkpoint, args.out)
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ftcl import stages
+
+    stages.detect(_stage_config(args, "detection"), args.checkpoint, args.out)
     return 0
 
 
@@ -134,7 +94,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--checkpoint", type=Path, required=True,
                        help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file")
-        p.set_defaults(func=lambda a, s=stage: _evaluate(a, s))
+        p.set_defaults(func=lambda a, s=stage: cmd_evaluate(a, s))
+
+    p = sub.add_parser("detect", help="fine-tune Faster R-CNN from a pretrained backbone and report detection AP",
+                       description="Detection transfer; writes OUT/config.yaml, OUT/detection.json, "
+                       "OUT/per_class_ap.csv. Without --config the pretraining run's own config is used.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file; "
+                        "required for detection.init=pretrained")
+    p.set_defaults(func=cmd_detect)
 
     for name, commands in COMMAND_MODULES.items():
         if command is not None and command not in commands:
@@ -155,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     known = {c for commands in COMMAND_MODULES.values() for c in commands}
-    parser = build_parser(argv[0] if argv and argv[0] in known | {"pretrain", "linear", "knn"} else None)
+    parser = build_parser(argv[0] if argv and argv[0] in known | {"pretrain", "linear", "knn", "detect"} else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 #: the stages of a row and seed, in pipeline order; every one but ``pretrain`` reads a pretraining
 STAGES: tuple[str, ...] = ("pretrain", "linear", "knn", "detection")
 PRETRAIN = "pretrain"
+DETECTION = "detection"
 EVAL_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != PRETRAIN)
 #: the result file a finished stage leaves in its folder (run-folder contract, docs/ARCHITECTURE.md)
 RESULT_FILES: dict[str, str] = {stage: f"{stage}.json" for stage in STAGES}

@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ftcl.config import RunConfig
+from ftcl.config.types import LinearEval
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import eval_aug_batch, normalize
 from ftcl.files import write_json
+from ftcl.schedules import linear_probe_lr
 
 
 @torch.no_grad()
@@ -72,14 +75,6 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     return result
 
 
-def _linear_lr(ecfg: Mapping, epoch: int) -> float:
-    import math
-
-    if ecfg["schedule"] == "step":
-        return ecfg["lr"] * 0.1 ** sum(epoch >= m for m in ecfg["milestones"])
-    return ecfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / ecfg["epochs"]))
-
-
 def feature_batches(features: Tensor, labels: Tensor, batch_size: int, gen: torch.Generator):
     """A per-epoch factory of shuffled mini-batches of precomputed features."""
 
@@ -92,7 +87,7 @@ def feature_batches(features: Tensor, labels: Tensor, batch_size: int, gen: torc
     return epoch_batches
 
 
-def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: torch.device,
+def train_linear(batches, in_dim: int, num_classes: int, ecfg: LinearEval, device: torch.device,
                  echo=print, seed: int = 0, on_epoch: Callable[[int, nn.Linear], None] | None = None) -> nn.Linear:
     """Fit a linear classifier with SGD + momentum (MoCo's linear protocol).
 
@@ -105,11 +100,10 @@ def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: 
     with torch.no_grad():
         clf.weight.copy_(torch.randn(clf.weight.shape, generator=gen) * 0.01)
         clf.bias.zero_()
-    opt = torch.optim.SGD(clf.parameters(), lr=ecfg["lr"], momentum=ecfg["momentum"],
-                          weight_decay=ecfg["weight_decay"])
-    for epoch in range(ecfg["epochs"]):
+    opt = torch.optim.SGD(clf.parameters(), lr=ecfg.lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay)
+    for epoch in range(ecfg.epochs):
         for g in opt.param_groups:
-            g["lr"] = _linear_lr(ecfg, epoch)
+            g["lr"] = linear_probe_lr(ecfg, epoch)
         total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
         for x, y in batches(epoch):
             loss = F.cross_entropy(clf(x), y)
@@ -120,8 +114,8 @@ def train_linear(batches, in_dim: int, num_classes: int, ecfg: Mapping, device: 
             n += y.shape[0]
         if on_epoch is not None:
             on_epoch(epoch, clf)
-        if (epoch + 1) % max(1, ecfg["epochs"] // 10) == 0 or epoch + 1 == ecfg["epochs"]:
-            echo(f"[linear] epoch {epoch + 1}/{ecfg['epochs']} loss {total.item() / max(n, 1):.4f} "
+        if (epoch + 1) % max(1, ecfg.epochs // 10) == 0 or epoch + 1 == ecfg.epochs:
+            echo(f"[linear] epoch {epoch + 1}/{ecfg.epochs} loss {total.item() / max(n, 1):.4f} "
                  f"lr {opt.param_groups[0]['lr']:.4g} ({time.perf_counter() - t0:.1f} s)")
     return clf
 
@@ -145,9 +139,9 @@ def linear_result(curve: Sequence[Mapping[str, float]], report: str) -> dict:
     return {**result, "best_epoch": best + 1, "top1_curve": [e["top1"] for e in curve]}
 
 
-def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torch.device, num_workers: int):
+def _augmented_batches(backbone: nn.Module, dataset, ecfg: LinearEval, device: torch.device, num_workers: int):
     """Per-epoch batches of features of RandomResizedCrop + flip views (the paper's protocol)."""
-    loader = DataLoader(dataset, batch_size=ecfg["batch_size"], shuffle=True, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=ecfg.batch_size, shuffle=True, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                         collate_fn=dataset.collate)
 
@@ -156,7 +150,7 @@ def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torc
         for images, y in loader:
             images = images.to(device, non_blocking=True)
             if dataset.crops_on_device:
-                x = eval_aug_batch(images, dataset.image_size, dataset.mean, dataset.std, ecfg["crop_scale"])
+                x = eval_aug_batch(images, dataset.image_size, dataset.mean, dataset.std, ecfg.crop_scale)
             else:
                 x = normalize(images, dataset.mean, dataset.std)
             with torch.no_grad():
@@ -166,46 +160,46 @@ def _augmented_batches(backbone: nn.Module, dataset, ecfg: Mapping, device: torc
     return epoch_batches
 
 
-def linear_probe(backbone: nn.Module, cfg: Mapping, device: torch.device, echo=print) -> dict:
+def linear_probe(backbone: nn.Module, cfg: RunConfig, device: torch.device, echo=print) -> dict:
     """Linear evaluation of ``backbone`` on ``cfg``'s dataset; returns accuracies and the protocol."""
-    ecfg = cfg["eval"]["linear"]
-    workers = int(cfg["data"]["num_workers"])
-    test = build_dataset(cfg["data"], "test", "eval")
+    ecfg = cfg.eval.linear
+    workers = cfg.data.num_workers
+    test = build_dataset(cfg.data, "test", "eval")
     test_x, test_y = extract_features(backbone, test, device, num_workers=workers)
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    if ecfg["augment"]:
-        train = build_dataset(cfg["data"], "train", "eval_aug", crop_scale=ecfg["crop_scale"])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if ecfg.augment:
+        train = build_dataset(cfg.data, "train", "eval_aug", crop_scale=ecfg.crop_scale)
         batches = _augmented_batches(backbone, train, ecfg, device, workers)
     else:
-        train = build_dataset(cfg["data"], "train", "eval")
+        train = build_dataset(cfg.data, "train", "eval")
         train_x, train_y = extract_features(backbone, train, device, num_workers=workers)
-        batches = feature_batches(train_x, train_y, ecfg["batch_size"], gen)
+        batches = feature_batches(train_x, train_y, ecfg.batch_size, gen)
     curve: list[dict[str, float]] = []
 
     def validate(_epoch: int, clf: nn.Linear) -> None:
         with torch.no_grad():
             curve.append(topk_accuracy(clf(test_x), test_y))
 
-    train_linear(batches, test_x.shape[1], train.num_classes, ecfg, device, echo, cfg["seed"], on_epoch=validate)
-    protocol = {"kind": "linear", "epochs": ecfg["epochs"], "lr": ecfg["lr"], "schedule": ecfg["schedule"],
-                "report": ecfg["report"],
-                "milestones": ecfg["milestones"] if ecfg["schedule"] == "step" else None,
-                "weight_decay": ecfg["weight_decay"], "batch_size": ecfg["batch_size"],
-                "augment": ecfg["augment"], "crop_scale": ecfg["crop_scale"] if ecfg["augment"] else None,
+    train_linear(batches, test_x.shape[1], train.num_classes, ecfg, device, echo, cfg.seed, on_epoch=validate)
+    protocol = {"kind": "linear", "epochs": ecfg.epochs, "lr": ecfg.lr, "schedule": ecfg.schedule,
+                "report": ecfg.report,
+                "milestones": list(ecfg.milestones) if ecfg.schedule == "step" else None,
+                "weight_decay": ecfg.weight_decay, "batch_size": ecfg.batch_size,
+                "augment": ecfg.augment, "crop_scale": list(ecfg.crop_scale) if ecfg.augment else None,
                 "features": "frozen pooled backbone",
                 "train_images": len(train), "test_images": len(test)}
-    return {**linear_result(curve, ecfg["report"]), "protocol": protocol}
+    return {**linear_result(curve, ecfg.report), "protocol": protocol}
 
 
-def knn_eval(backbone: nn.Module, cfg: Mapping, device: torch.device) -> dict:
+def knn_eval(backbone: nn.Module, cfg: RunConfig, device: torch.device) -> dict:
     """Weighted kNN accuracy of ``backbone``'s features on ``cfg``'s dataset."""
-    kcfg = cfg["eval"]["knn"]
-    train = build_dataset(cfg["data"], "train", "eval")
-    test = build_dataset(cfg["data"], "test", "eval")
-    train_x, train_y = extract_features(backbone, train, device, kcfg["batch_size"])
-    test_x, test_y = extract_features(backbone, test, device, kcfg["batch_size"])
-    scores = knn_predict(train_x, train_y, test_x, train.num_classes, kcfg["k"], kcfg["temperature"])
-    protocol = {"kind": "knn", "k": min(kcfg["k"], len(train)), "temperature": kcfg["temperature"],
+    kcfg = cfg.eval.knn
+    train = build_dataset(cfg.data, "train", "eval")
+    test = build_dataset(cfg.data, "test", "eval")
+    train_x, train_y = extract_features(backbone, train, device, kcfg.batch_size)
+    test_x, test_y = extract_features(backbone, test, device, kcfg.batch_size)
+    scores = knn_predict(train_x, train_y, test_x, train.num_classes, kcfg.k, kcfg.temperature)
+    protocol = {"kind": "knn", "k": min(kcfg.k, len(train)), "temperature": kcfg.temperature,
                 "similarity": "cosine", "train_images": len(train), "test_images": len(test)}
     return {**topk_accuracy(scores, test_y), "protocol": protocol}
 

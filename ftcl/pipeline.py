@@ -33,7 +33,8 @@ from typing import Any
 import yaml
 
 from ftcl import config as runconfig
-from ftcl.constants import RESULTS_DIR, STAGES
+from ftcl.config import RunConfig, reads, to_dict
+from ftcl.constants import PRETRAIN, RESULTS_DIR, STAGES
 from ftcl.errors import ConfigError
 
 #: run-config keys the pipeline sets for every run; rows and ``defaults`` may not set them
@@ -225,77 +226,45 @@ def _pipeline_keys_in(overrides: Mapping[str, Any], where: str) -> None:
                 )
 
 
-def check_data(run_cfg: Mapping, stages: Sequence[str], where: str) -> None:
+def check_data(run_cfg: RunConfig, stages: Sequence[str], where: str) -> None:
     """Fail early on a dataset folder that does not exist, without loading the data: the training
     data for every stage, the detection data when ``detection`` is a requested stage."""
-    data = run_cfg["data"]
-    if data["root"] is None and data["dataset"] in ROOT_REQUIRED:
+    data = run_cfg.data
+    if data.root is None and data.dataset in ROOT_REQUIRED:
         raise ConfigError(
-            f"{where}: key 'data.root' is not set; dataset {data['dataset']!r} needs the folder that holds it")
-    if data["root"] is not None and not Path(data["root"]).expanduser().exists():
-        raise ConfigError(f"{where}: key 'data.root' is {data['root']!r}, which does not exist; point it at your copy "
-                          f"of {data['dataset']}")
-    if data["class_list"] is not None and not Path(data["class_list"]).is_file():
-        raise ConfigError(f"{where}: key 'data.class_list' is {data['class_list']!r}, which is not a file")
-    det = run_cfg["detection"]
-    if "detection" in stages and det["dataset"] in DETECTION_ROOT_REQUIRED:
-        root = det["root"]
+            f"{where}: key 'data.root' is not set; dataset {data.dataset!r} needs the folder that holds it")
+    if data.root is not None and not Path(data.root).expanduser().exists():
+        raise ConfigError(f"{where}: key 'data.root' is {data.root!r}, which does not exist; point it at your copy "
+                          f"of {data.dataset}")
+    if data.class_list is not None and not Path(data.class_list).is_file():
+        raise ConfigError(f"{where}: key 'data.class_list' is {data.class_list!r}, which is not a file")
+    det = run_cfg.detection
+    if "detection" in stages and det.dataset in DETECTION_ROOT_REQUIRED:
+        root = det.root
         if root is None or not Path(root).expanduser().exists():
             raise ConfigError(
                 f"{where}: key 'detection.root' is {root!r}, which "
                 + ("is not set" if root is None else "does not exist")
-                + f"; detection.dataset {det['dataset']!r} needs the folder holding "
-                + ("VOCdevkit/VOC2007 (and VOC2012)" if det["dataset"] == "voc" else "its .xml files and images")
+                + f"; detection.dataset {det.dataset!r} needs the folder holding "
+                + ("VOCdevkit/VOC2007 (and VOC2012)" if det.dataset == "voc" else "its .xml files and images")
                 + " (or leave `detection` out of `stages`)"
             )
 
 
 # --------------------------------------------------------------------------- what each stage reads
 @functools.cache
-def _run_schema() -> dict:
-    return runconfig.schema()
-
-
-def stages_of(key: str) -> tuple[str, ...]:
-    """The stages whose results depend on run-config key ``key`` (the deepest ``x-stages`` on its
-    path through the run schema); ``KeyError`` when no level of the path declares it."""
-    sch = _run_schema()
-    node: Mapping | None = sch
-    found: list[str] | None = None
-    for part in key.split("."):
-        props = runconfig._properties(node, sch) if node is not None else None
-        if not props or part not in props:
-            break
-        node = props[part]
-        if "x-stages" in node:
-            found = node["x-stages"]
-    if found is None:
-        raise KeyError(f"run-config key {key!r} has no `x-stages` in ftcl/resources/config.schema.yaml")
-    return tuple(found)
-
-
-def reads(stage: str, key: str) -> bool:
-    """Whether ``stage`` reads run-config ``key`` (False for a key the schema no longer has, e.g. in
-    a config.yaml written by an older ftcl)."""
-    try:
-        return stage in stages_of(key)
-    except KeyError:
-        return False
-
-
-@functools.cache
 def _default_items() -> frozenset:
     return frozenset((k, json.dumps(v, sort_keys=True)) for k, v in runconfig.flatten(runconfig.defaults()).items())
 
 
-def stage_view(run_cfg: Mapping, stage: str) -> dict[str, Any]:
+def stage_view(run_cfg: RunConfig | Mapping, stage: str) -> dict[str, Any]:
     """The flattened run-config keys ``stage``'s result depends on, leaving out keys at ftcl's
     built-in default: a key that a new ftcl version adds (at its default) reruns nothing, while
     setting it, or changing any value away from or back to the default, does."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
     defaults = _default_items()
-    return {k: v for k, v in sorted(runconfig.flatten(run_cfg).items())
+    return {k: v for k, v in sorted(runconfig.flatten(to_dict(run_cfg)).items())
             if reads(stage, k) and (k, json.dumps(v, sort_keys=True)) not in defaults}
 
 
@@ -304,14 +273,15 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_digest(run_cfg: Mapping, stage: str) -> str:
+def stage_digest(run_cfg: RunConfig | Mapping, stage: str) -> str:
     """The fingerprint of what ``stage`` reads from ``run_cfg``; a stage reruns when it changes."""
     return digest({"stage": stage, "keys": stage_view(run_cfg, stage)})
 
 
-def changed_keys(before: Mapping, after: Mapping, stage: str) -> list[str]:
+def changed_keys(before: RunConfig | Mapping, after: RunConfig | Mapping, stage: str) -> list[str]:
     """``key (old -> new)`` for each key of ``stage`` whose value differs between two run configs."""
-    old, new = ({k: v for k, v in runconfig.flatten(cfg).items() if reads(stage, k)} for cfg in (before, after))
+    old, new = ({k: v for k, v in runconfig.flatten(to_dict(cfg)).items() if reads(stage, k)}
+                for cfg in (before, after))
     return [f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -324,7 +294,7 @@ class Pipeline:
 
     config: dict
     rows: list[Row]
-    run_configs: dict[str, dict]
+    run_configs: dict[str, RunConfig]
 
     @property
     def experiment(self) -> str:
@@ -367,15 +337,14 @@ class Pipeline:
         base = self.baseline
         return {row.name: row.compare_to or base for row in self.rows if row.name != base or row.compare_to}
 
-    def run_config(self, row: str, seed: int) -> dict:
-        """The resolved run config of ``row`` and ``seed`` (what its stages run with)."""
-        cfg = copy.deepcopy(self.run_configs[row])
-        cfg["seed"] = int(seed)
-        cfg["tracking"]["tags"]["seed"] = int(seed)
-        return cfg
+    def run_config(self, row: str, seed: int) -> RunConfig:
+        """The resolved run config of ``row`` and ``seed`` (what its stages run with; the seed comes
+        from the checked ``seeds``, so nothing is validated again)."""
+        cfg = self.run_configs[row]
+        return runconfig.replace(cfg, {"seed": int(seed), "tracking.tags": {**cfg.tracking.tags, "seed": int(seed)}})
 
     def run_config_text(self, row: str, seed: int) -> str:
-        return yaml.safe_dump(self.run_config(row, seed), sort_keys=False)
+        return yaml.safe_dump(to_dict(self.run_config(row, seed)), sort_keys=False)
 
     def stage_digest(self, row: str, seed: int, stage: str) -> str:
         return stage_digest(self.run_config(row, seed), stage)
@@ -387,8 +356,24 @@ class Pipeline:
 
     def tracking_store(self) -> dict:
         """Where every stage tracks (the same for every row: rows may not change it)."""
-        tracking = next(iter(self.run_configs.values()))["tracking"]
-        return {k: tracking[k] for k in ("enabled", "uri", "artifact_root")}
+        tracking = next(iter(self.run_configs.values())).tracking
+        return {"enabled": tracking.enabled, "uri": tracking.uri, "artifact_root": tracking.artifact_root}
+
+
+def stage_world(cfg: Mapping, stage: str) -> int:
+    """The processes ``stage``'s job gets from the pipeline config's launcher settings: ``nodes`` x
+    ``tasks_per_node``, which defaults to ``gpus_per_node`` (one DDP process per GPU), else 1; the
+    debug launcher runs one process."""
+    launcher = cfg.get("launcher") or {}
+    name = launcher.get("name") or "local"
+    if name == "debug":
+        return 1
+    settings = dict(launcher.get(name) or {})
+    if name == "slurm":
+        settings.update((launcher.get("stages") or {}).get(stage) or {})
+    tasks = settings.get("tasks_per_node") or settings.get("gpus_per_node") or 1
+    nodes = settings.get("nodes") or 1 if name == "slurm" else 1
+    return int(tasks) * int(nodes)
 
 
 def check_results_folder(cfg: Mapping) -> None:
@@ -415,6 +400,12 @@ def load(cfg: Mapping, *, resolve_runs: bool = True, check_paths: bool = True,
         return Pipeline(cfg, rows, {})
     defaults = runconfig.flatten(cfg["defaults"])
     _pipeline_keys_in(defaults, "pipeline config defaults")
+    planned = sorted({PRETRAIN, *cfg["stages"]}, key=STAGES.index)  # every other stage reads a pretraining
+    for stage in planned:
+        if stage != PRETRAIN and stage_world(cfg, stage) != 1:
+            raise ConfigError(f"pipeline config: key 'launcher' gives the {stage} stage {stage_world(cfg, stage)} "
+                              f"processes; {stage} runs as one process (one GPU): set its gpus_per_node / "
+                              "tasks_per_node to 1 (launcher.stages.<stage> on SLURM)")
     runconfig.validate(runconfig.deep_merge(runconfig.defaults(), cfg["defaults"]), "pipeline config defaults")
     tracking = {"uri": cfg["tracking"]["uri"] or f"sqlite:///{cfg['results_dir']}/mlflow.db",
                 "artifact_root": cfg["tracking"]["artifact_root"]}
@@ -428,7 +419,8 @@ def load(cfg: Mapping, *, resolve_runs: bool = True, check_paths: bool = True,
             "tracking": {**tracking, "tags": {"row": row.name, "description": row_description(row),
                                               "overrides": json.dumps(row.overrides, sort_keys=True)}}})
         try:
-            run_cfg = runconfig.resolve(overrides=row.overrides, base=base)
+            run_cfg = runconfig.resolve(overrides=row.overrides, base=base, world=stage_world(cfg, PRETRAIN),
+                                        stages=planned)
         except ConfigError as err:
             raise ConfigError(f"{where}: {str(err).removeprefix('config: ')}") from None
         if check_paths:

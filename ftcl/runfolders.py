@@ -100,8 +100,9 @@ def prepare(run_dir: str | Path, stage: str, run_cfg: Mapping, log: TextIO | Non
     """Make ``<run_dir>/<stage>/`` ready for ``run_cfg``: keep it when it holds this key's work,
     move it to ``.superseded/`` when it holds another's (module docstring)."""
     from ftcl import pipeline
+    from ftcl.config import to_dict
 
-    run_dir = Path(run_dir)
+    run_cfg, run_dir = to_dict(run_cfg), Path(run_dir)
     folder = run_dir / stage
     key = {"digest": pipeline.stage_digest(run_cfg, stage), "upstream": upstream_id(run_dir, stage)}
     if not _has_work(folder):

@@ -29,7 +29,7 @@ cancellation error stays near 1e-7, far below the variances the paper plots, ~1e
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ftcl.config.types import FTSide, Scores
 from ftcl.files import replacing
 
 STAT_COLUMNS = ("loss", "pos_mean", "neg_mean", "neg_var", "exp_pos_mean", "exp_neg_mean", "pos_outside",
@@ -47,16 +48,12 @@ UNIT_RANGE = (-1.0, 1.0)
 EXTRAPOLATED_RANGE = (-3.0, 2.0)
 
 
-def histogram_range(scores_cfg: Mapping, ft_cfg: Mapping | None = None) -> tuple[float, float]:
+def histogram_range(range_: Sequence[float] | None, positive: FTSide) -> tuple[float, float]:
     """``scores.range``, or by default [-1, 1], widened to [-3, 2] when ``ft.positive`` extrapolates
     without renormalising (the scores the loss uses then leave [-1, 1]; see the module docstring)."""
-    if scores_cfg.get("range") is not None:
-        low, high = (float(v) for v in scores_cfg["range"])
-        if not low < high:
-            raise ValueError(f"scores.range {list(scores_cfg['range'])} must be [low, high] with low < high")
-        return low, high
-    positive = (ft_cfg or {}).get("positive") or {}
-    if positive.get("mode") == "extrapolate" and not positive.get("renormalize", False):
+    if range_ is not None:
+        return float(range_[0]), float(range_[1])
+    if positive.mode == "extrapolate" and not positive.renormalize:
         return EXTRAPOLATED_RANGE
     return UNIT_RANGE
 
@@ -118,13 +115,12 @@ class ScoreRecorder:
         self._n = 0
 
     @classmethod
-    def from_config(cls, scores_cfg: Mapping, iters_per_epoch: int, total_epochs: int,
-                    device: torch.device, ft_cfg: Mapping | None = None) -> ScoreRecorder:
-        """The recorder a run's ``scores`` config section describes (``ft_cfg``: the run's ``ft``
-        section, which sets the default histogram range, :func:`histogram_range`)."""
-        return cls(iters_per_epoch, total_epochs, scores_cfg["histogram_epochs"], scores_cfg["histogram_every"],
-                   scores_cfg["bins"], device, rows=scores_cfg.get("rows"),
-                   hist_range=histogram_range(scores_cfg, ft_cfg))
+    def from_section(cls, scores: Scores, iters_per_epoch: int, total_epochs: int, device: torch.device,
+                     hist_range: tuple[float, float]) -> ScoreRecorder:
+        """The recorder the run config's ``scores`` section describes (``hist_range``:
+        :func:`histogram_range`)."""
+        return cls(iters_per_epoch, total_epochs, scores.histogram_epochs, scores.histogram_every, scores.bins,
+                   device, rows=scores.rows, hist_range=hist_range)
 
     def record(self, i: int, loss: Tensor, pos: Tensor, neg: Tensor | None, temperature: float) -> None:
         """Store iteration ``i``'s statistics (no host synchronisation)."""

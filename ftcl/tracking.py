@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ftcl.config.types import RunConfig, to_dict
 from ftcl.constants import (
     PARENT_STAGE,
     RESULTS_DIR,
@@ -366,25 +367,25 @@ def git_commit() -> str:
 class Tracker:
     """One stage's MLflow run. Disabled (every call a no-op) when ``tracking.enabled`` is false."""
 
-    def __init__(self, cfg: Mapping, out_dir: str | Path, stage: str, rank: int = 0):
-        tcfg = cfg["tracking"]
-        self.enabled = bool(tcfg["enabled"]) and rank == 0
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, stage: str, rank: int = 0):
+        tcfg = cfg.tracking
+        self.enabled = tcfg.enabled and rank == 0
         self.cfg, self.out_dir, self.stage = cfg, Path(out_dir), stage
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self.client = None
         if not self.enabled:
             return
-        uri = tracking_uri(tcfg["uri"], _results_dir(self.out_dir))
+        uri = tracking_uri(tcfg.uri, _results_dir(self.out_dir))
         check_reachable(uri)
         self.client = _client(uri)
-        exp_id = get_or_create_experiment(self.client, cfg["experiment"],
-                                          artifact_root(tcfg["artifact_root"], uri, cfg["experiment"]))
+        exp_id = get_or_create_experiment(self.client, cfg.experiment,
+                                          artifact_root(tcfg.artifact_root, uri, cfg.experiment))
         self.experiment_id = exp_id
         self.run_id = self._start(exp_id)
 
     def _start(self, exp_id: str) -> str:
-        tcfg, tags = self.cfg["tracking"], dict(self.cfg["tracking"]["tags"])
+        tcfg, tags = self.cfg.tracking, dict(self.cfg.tracking.tags)
         id_file = self.out_dir / RUN_ID_FILE
         system_tags = {
             TAG_STAGE: self.stage, "ftcl.git_commit": git_commit(),
@@ -408,18 +409,18 @@ class Tracker:
                 self.parent_run_id = parent  # a row x seed parent run, kept by the stages (not one given)
                 self._parent_running()
             return run_id
-        parent = tcfg["parent_run_id"]
+        parent = tcfg.parent_run_id
         if parent is None and TAG_ROW in system_tags and TAG_SEED in system_tags:
             row, seed = system_tags[TAG_ROW], system_tags[TAG_SEED]
             parent = ensure_parent_run(self.client, exp_id, row, seed, {
                 "ftcl.git_commit": system_tags["ftcl.git_commit"], "ftcl.launcher": system_tags["ftcl.launcher"],
-                NOTE_TAG: run_description(self.cfg, row, seed, lead)},
-                params=parent_params(self.cfg, seed, overrides), stage=self.stage)
+                NOTE_TAG: run_description(to_dict(self.cfg), row, seed, lead)},
+                params=parent_params(to_dict(self.cfg), seed, overrides), stage=self.stage)
             self.parent_run_id = parent  # a row x seed parent run, kept by the stages (not one given)
             self._parent_running()
         if parent:
             system_tags[PARENT_RUN_TAG] = parent
-        run = _retry(self.client.create_run, exp_id, run_name=tcfg["run_name"] or self.stage,
+        run = _retry(self.client.create_run, exp_id, run_name=tcfg.run_name or self.stage,
                      tags={**system_tags, **{k: str(v) for k, v in tags.items()}})
         write_text(id_file, run.info.run_id)
         return run.info.run_id

@@ -7,11 +7,9 @@ files go to a ``RunLogger`` the caller passes in (``ftcl.tracking.Tracker`` in t
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,14 +19,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ftcl import checkpoint as ckpt
 from ftcl import runtime
-from ftcl.config import dump, flatten, load_yaml
+from ftcl.config import BatchLayout, RunConfig, batch_layout, dump, flatten, load_yaml, to_dict
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
 from ftcl.errors import ConfigError, NonFiniteLossError
 from ftcl.files import TMP_GLOB, write_json
-from ftcl.methods.base import Method, StepOutput, build_method, ema_update
+from ftcl.methods import build_method
+from ftcl.methods.base import Method, StepOutput, ema_update
 from ftcl.models.backbones import build_backbone
-from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves
+from ftcl.schedules import learning_rate
+from ftcl.scores import ScoreRecorder, histogram_range, load_scores, plot_histograms, plot_score_curves
 
 
 class RunLogger(Protocol):
@@ -48,79 +48,9 @@ class NullLogger:
         pass
 
 
-@dataclass(frozen=True)
-class BatchLayout:
-    """How a step's batch is spread: ``optim.batch_size`` is the whole job's batch (MoCo's
-    ``main_moco.py`` and the FT code divide it among the processes); each of ``world`` processes
-    draws ``per_process`` images and normalises them in ``bn_splits`` BatchNorm sub-batches."""
-
-    global_batch: int
-    per_process: int
-    world: int
-    bn_splits: int
-
-    def params(self) -> dict[str, int]:
-        """What a run records about its batch (MLflow params, ``pretrain.json``)."""
-        return {"batch/global": self.global_batch, "batch/per_process": self.per_process,
-                "batch/world": self.world, "batch/bn_splits": self.bn_splits}
-
-
-def batch_layout(cfg: Mapping, world: int = 1) -> BatchLayout:
-    """The :class:`BatchLayout` of ``cfg`` on ``world`` processes; ``ConfigError`` when the global batch
-    does not divide among the processes, or the per-process batch among the BN sub-batches, or when
-    ``method.shuffle_bn`` asks for a Shuffle-BN that cannot happen (one process, one sub-batch)."""
-    from ftcl.methods.base import resolve_bn_splits
-
-    batch, method = int(cfg["optim"]["batch_size"]), cfg["method"]
-    if batch % world:
-        raise ConfigError(
-            f"key 'optim.batch_size' is {batch}, the whole job's batch, which {world} processes cannot share "
-            f"equally; use a multiple of {world}"
-        )
-    per_process = batch // world
-    splits = resolve_bn_splits(method, world)
-    if per_process % splits:
-        raise ConfigError(
-            f"key 'method.bn_splits' is {splits}{' (auto)' if method.get('bn_splits') is None else ''}, which does "
-            f"not divide the per-process batch {per_process} (optim.batch_size {batch} / {world} process(es)); "
-            "choose a batch that is a multiple of it, or set method.bn_splits to a divisor"
-        )
-    if per_process // splits < 2:
-        raise ConfigError(
-            f"key 'method.bn_splits' is {splits}: sub-batches of {per_process // splits} image(s) of the per-process "
-            f"batch {per_process}; a BatchNorm needs at least 2, so raise optim.batch_size or lower method.bn_splits"
-        )
-    if method["name"] == "moco" and method["shuffle_bn"] and world == 1 and splits == 1:
-        raise ConfigError(
-            "key 'method.shuffle_bn' is true but key 'method.bn_splits' is 1 in a single process: no key can be "
-            "normalised apart from its query. Set method.bn_splits >= 2 (null = 8), or method.shuffle_bn: false "
-            "to train without Shuffle-BN knowingly"
-        )
-    return BatchLayout(batch, per_process, world, splits)
-
-
-def learning_rate(cfg: Mapping, epoch: int, it: int, iters: int) -> float:
-    """lr at iteration ``it`` of ``epoch``: linear scaling with the global batch
-    (lr_per_256 * optim.batch_size / 256, whatever the number of processes), linear warm-up,
-    then per epoch: ``cosine`` down to ``eta_min = lr * eta_min_ratio`` (MoCo v2 / FT schedule),
-    ``step``: ``lr * gamma ** (number of milestones <= epoch)`` (MoCo v1's ``main_moco.py``,
-    milestones 120 and 160), or ``constant``."""
-    o = cfg["optim"]
-    base = o["lr_per_256"] * o["batch_size"] / 256
-    if epoch < o["warmup_epochs"]:
-        return base * (epoch * iters + it + 1) / (o["warmup_epochs"] * iters)
-    if o["schedule"] == "constant":
-        return base
-    if o["schedule"] == "step":
-        return base * o["gamma"] ** sum(epoch >= m for m in o["milestones"])
-    eta_min = base * o["eta_min_ratio"]
-    span = max(1, o["epochs"] - o["warmup_epochs"])
-    return eta_min + (base - eta_min) * 0.5 * (1 + math.cos(math.pi * (epoch - o["warmup_epochs"]) / span))
-
-
-def _loader(dataset, cfg: Mapping, layout: BatchLayout, device: torch.device, seed: int) -> DataLoader:
+def _loader(dataset, num_workers: int, layout: BatchLayout, device: torch.device, seed: int) -> DataLoader:
     sampler = DistributedSampler(dataset, seed=seed, drop_last=True) if layout.world > 1 else None
-    workers = int(cfg["data"]["num_workers"]) if not dataset.crops_on_device else 0
+    workers = num_workers if not dataset.crops_on_device else 0
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(
@@ -145,34 +75,34 @@ class TrainStep:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
     @classmethod
-    def build(cls, cfg: Mapping, data, device: torch.device, world: int = 1,
+    def build(cls, cfg: RunConfig, data, device: torch.device, layout: BatchLayout,
               gpu_path_on_cpu: bool = False) -> TrainStep:
-        """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean, std.
+        """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean,
+        std; ``layout``: the batch's spread over processes and BatchNorm sub-batches.
 
         ``optim.amp`` (bf16 autocast) and ``optim.channels_last`` apply on CUDA only;
         ``gpu_path_on_cpu`` applies them on the CPU too (tests of the GPU code path)."""
-        layout = batch_layout(cfg, world)
-        views = TwoViews(cfg["augment"]["preset"], data.image_size, data.channels, data.mean, data.std,
-                         tuple(cfg["augment"]["crop_scale"]), data.crops_on_device).to(device)
-        method = build_method(cfg, build_backbone(cfg["model"], data.channels), layout.bn_splits,
-                              num_classes=getattr(data, "num_classes", None)).to(device)
+        o, m = cfg.optim, cfg.model
+        views = TwoViews(cfg.augment.preset, data.image_size, data.channels, data.mean, data.std,
+                         cfg.augment.crop_scale, data.crops_on_device).to(device)
+        backbone = build_backbone(m.backbone, m.width, m.small_stem, data.channels)
+        method = build_method(cfg, backbone, layout.bn_splits, num_classes=getattr(data, "num_classes", None))
+        method = method.to(device)
         gpu_path = device.type == "cuda" or gpu_path_on_cpu
-        channels_last = cfg["optim"]["channels_last"] and gpu_path
+        channels_last = o.channels_last and gpu_path
         if channels_last:
             method = method.to(memory_format=torch.channels_last)
         params = [p for p in method.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg["optim"]["momentum"],
-                                    weight_decay=cfg["optim"]["weight_decay"])
+        optimizer = torch.optim.SGD(params, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
         model: torch.nn.Module = method
-        if world > 1:
+        if layout.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 method, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg["optim"]["compile"]:  # in place: state-dict keys stay those of the plain modules
+        if o.compile:  # in place: state-dict keys stay those of the plain modules
             for module in method.children():
                 if any(True for _ in module.parameters()):
                     module.compile()
-        amp = cfg["optim"]["amp"] and gpu_path
-        return cls(method, model, optimizer, views, float(cfg["method"]["momentum"]), amp, channels_last)
+        return cls(method, model, optimizer, views, cfg.method.momentum, o.amp and gpu_path, channels_last)
 
     def __call__(self, images: torch.Tensor, epoch: int, lr: float, labels: torch.Tensor | None = None) -> StepOutput:
         """One step on a uint8 batch; ``labels`` reach the method only when it needs them."""
@@ -203,7 +133,7 @@ RESUME_FREE_KEYS = ("experiment", "device", "log_every", "tracking.", "checkpoin
                     "detection.", "data.root", "data.num_workers", "optim.epochs")
 
 
-def check_resume(cfg: Mapping, out_dir: str | Path) -> None:
+def check_resume(cfg: RunConfig, out_dir: str | Path) -> None:
     """Refuse to resume ``out_dir`` under another config (ConfigError naming the keys), before anything is written.
 
     A folder with checkpoints and a ``config.yaml`` belongs to the run of that config; resuming it
@@ -214,7 +144,7 @@ def check_resume(cfg: Mapping, out_dir: str | Path) -> None:
     saved_path = out_dir / "config.yaml"
     if not (saved_path.is_file() and any((out_dir / "checkpoints").glob("*.pt"))):
         return
-    saved, current = flatten(load_yaml(saved_path)), flatten(cfg)
+    saved, current = flatten(load_yaml(saved_path)), flatten(to_dict(cfg))
     changed = [f"{k} ({saved.get(k, '<unset>')!r} -> {current.get(k, '<unset>')!r})"
                for k in sorted(set(saved) | set(current))
                if saved.get(k) != current.get(k) and not k.startswith(RESUME_FREE_KEYS)]
@@ -226,24 +156,26 @@ def check_resume(cfg: Mapping, out_dir: str | Path) -> None:
         )
 
 
-def preflight(cfg: Mapping, world: int = 1, out_dir: str | Path | None = None):
-    """The training set, after the checks that must fail before any compute or tracking starts
-    (batch layout, device, with ``out_dir`` also :func:`check_resume`)."""
-    batch_layout(cfg, world)
-    runtime.select_device(cfg["device"])
+def preflight(cfg: RunConfig, out_dir: str | Path | None = None):
+    """The training set, after what must fail before any compute or tracking starts and that no
+    config rule can know: the device this machine has, a folder holding another run's checkpoints
+    (:func:`check_resume`), a training set smaller than the batch."""
+    runtime.select_device(cfg.device)
     if out_dir is not None:
         check_resume(cfg, out_dir)
-    data = build_dataset(cfg["data"], "train", "pretrain", crop_scale=cfg["augment"]["crop_scale"])
-    if len(data) < cfg["optim"]["batch_size"]:
+    data = build_dataset(cfg.data, "train", "pretrain", crop_scale=cfg.augment.crop_scale)
+    if len(data) < cfg.optim.batch_size:
         raise ConfigError(
-            f"key 'optim.batch_size' is {cfg['optim']['batch_size']}, more than the {len(data)} training images; "
+            f"key 'optim.batch_size' is {cfg.optim.batch_size}, more than the {len(data)} training images; "
             "lower optim.batch_size or use more data"
         )
     return data
 
 
-def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None, echo=print) -> dict:
-    """Pretrain ``cfg``'s method into ``out_dir``, resuming from its last good checkpoint.
+def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = None, echo=print,
+             data=None) -> dict:
+    """Pretrain ``cfg``'s method into ``out_dir``, resuming from its last good checkpoint; ``data``:
+    the training set :func:`preflight` returned (built here when not given).
 
     Returns the summary also written to ``out_dir/pretrain.json`` (written last: its presence means
     the run is complete). Raises ``NonFiniteLossError`` on a NaN/inf loss, before any checkpoint
@@ -254,21 +186,22 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
     main = rank == 0
     if not main:
         echo = _silent
-    runtime.apply_determinism(cfg["deterministic"]["enabled"], cfg["deterministic"]["threads"])
-    device = runtime.select_device(cfg["device"])
-    runtime.seed_everything(cfg["seed"] + rank)
+    runtime.apply_determinism(cfg.deterministic.enabled, cfg.deterministic.threads)
+    device = runtime.select_device(cfg.device)
+    runtime.seed_everything(cfg.seed + rank)
     ckpt_dir, score_dir = out_dir / "checkpoints", out_dir / "scores"
-    data = preflight(cfg, world, out_dir)
+    data = data if data is not None else preflight(cfg, out_dir)
     if main:
         dump(cfg, out_dir / "config.yaml")
         for stale in ckpt_dir.glob(TMP_GLOB):  # left by a kill during a write; never a checkpoint
             stale.unlink(missing_ok=True)
 
-    layout = batch_layout(cfg, world)
-    loader = _loader(data, cfg, layout, device, cfg["seed"])
+    layout = batch_layout(cfg, world)  # checked for this world when the config was resolved
+    loader = _loader(data, cfg.data.num_workers, layout, device, cfg.seed)
     iters = len(loader)
-    step = TrainStep.build(cfg, data, device, world)
+    step = TrainStep.build(cfg, data, device, layout)
     method, optimizer = step.method, step.optimizer
+    o = cfg.optim
 
     start_epoch, iteration = 0, 0
     state = ckpt.latest_good(ckpt_dir, map_location=device, warn=echo) if ckpt_dir.exists() else None
@@ -277,19 +210,20 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         optimizer.load_state_dict(state["optimizer"])
         runtime.set_rng_state(state["rng"])
         start_epoch, iteration = state["epoch"], state["iteration"]
-        echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{cfg['optim']['epochs']}")
+        echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{o.epochs}")
 
-    scfg = cfg["scores"]
-    recorder = (ScoreRecorder.from_config(scfg, iters, cfg["optim"]["epochs"], device, cfg["ft"])
-                if scfg["enabled"] and cfg["optim"]["epochs"] > 0 else None)
+    recorder = None
+    if cfg.scores.enabled and o.epochs > 0:
+        recorder = ScoreRecorder.from_section(cfg.scores, iters, o.epochs, device,
+                                              histogram_range(cfg.scores.range, cfg.ft.positive))
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     logger.log_params(layout.params())
-    echo(f"[pretrain] {cfg['method']['name']} {cfg['model']['backbone']}(width {cfg['model']['width']}) on "
-         f"{cfg['data']['dataset']} ({len(data)} images, {iters} it/epoch, device {device}, world {world}, "
+    echo(f"[pretrain] {cfg.method.name} {cfg.model.backbone}(width {cfg.model.width}) on "
+         f"{cfg.data.dataset} ({len(data)} images, {iters} it/epoch, device {device}, world {world}, "
          f"batch {layout.global_batch} = {world} x {layout.per_process}, BN in {layout.bn_splits} sub-batch(es)); "
          f"checkpoints in {ckpt_dir}")
     summary: dict = {}
-    for epoch in range(start_epoch, cfg["optim"]["epochs"]):
+    for epoch in range(start_epoch, o.epochs):
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         method.train()
@@ -299,7 +233,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         lrs: list[float] = []
         t0 = time.perf_counter()
         for i, (images, labels) in enumerate(loader):
-            lr = learning_rate(cfg, epoch, i, iters)
+            lr = learning_rate(o, epoch, i, iters)
             lrs.append(lr)
             out = step(images, epoch, lr, labels)
             loss = out.loss
@@ -308,7 +242,7 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
             if recorder:
                 recorder.record(i, loss, out.pos, out.neg, out.temperature)
             iteration += 1
-            if main and cfg["log_every"] and (i + 1) % cfg["log_every"] == 0:
+            if main and (i + 1) % cfg.log_every == 0:
                 _check_finite(bad_step, epoch)
                 echo(f"[pretrain] epoch {epoch + 1} it {i + 1}/{iters} loss {loss.item():.4f} lr {lr:.4g}")
         _check_finite(bad_step, epoch)
@@ -322,19 +256,19 @@ def pretrain(cfg: Mapping, out_dir: str | Path, logger: RunLogger | None = None,
         if main:  # metrics first: a kill between the two repeats a point rather than losing one
             logger.log_metrics(metrics, step=epoch + 1)
             ckpt.save_epoch({
-                "epoch": epoch + 1, "iteration": iteration, "config": dict(cfg), "in_channels": data.channels,
+                "epoch": epoch + 1, "iteration": iteration, "config": to_dict(cfg), "in_channels": data.channels,
                 "backbone": method.backbone.state_dict(), "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
-            }, ckpt_dir, cfg["checkpoint"]["keep"])
-            echo(_progress_line(epoch, cfg["optim"]["epochs"], metrics))
+            }, ckpt_dir, cfg.checkpoint.keep)
+            echo(_progress_line(epoch, o.epochs, metrics))
         summary = metrics
-    if main and cfg["optim"]["epochs"] == 0 and state is None:  # no pretraining: keep the seeded initialisation
+    if main and o.epochs == 0 and state is None:  # no pretraining: keep the seeded initialisation
         ckpt.save_epoch({
-            "epoch": 0, "iteration": 0, "config": dict(cfg), "in_channels": data.channels,
+            "epoch": 0, "iteration": 0, "config": to_dict(cfg), "in_channels": data.channels,
             "backbone": method.backbone.state_dict(), "method": method.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
-        }, ckpt_dir, cfg["checkpoint"]["keep"])
-        echo(f"[pretrain] optim.epochs is 0: saved the random initialisation (seed {cfg['seed']}) as {ckpt_dir}")
+        }, ckpt_dir, cfg.checkpoint.keep)
+        echo(f"[pretrain] optim.epochs is 0: saved the random initialisation (seed {cfg.seed}) as {ckpt_dir}")
         summary = {"pretrain/epochs": 0}
     if main:
         summary = _finish(cfg, out_dir, score_dir, summary, logger)
@@ -364,7 +298,7 @@ def _progress_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
             f"{scores} {m['pretrain/images_per_s']:.0f} img/s ({m['pretrain/epoch_seconds']:.1f} s)")
 
 
-def _finish(cfg: Mapping, out_dir: Path, score_dir: Path, last: dict, logger: RunLogger) -> dict:
+def _finish(cfg: RunConfig, out_dir: Path, score_dir: Path, last: dict, logger: RunLogger) -> dict:
     """Plots, artifacts and ``pretrain.json`` (written last)."""
     done = out_dir / "pretrain.json"
     if done.is_file() and not last:  # nothing was trained in this call: the run was already complete
@@ -372,11 +306,11 @@ def _finish(cfg: Mapping, out_dir: Path, score_dir: Path, last: dict, logger: Ru
     if score_dir.exists():
         stats, hists = load_scores(score_dir)
         if not stats.empty:
-            plot_score_curves(stats, score_dir / "score_curves.png", f"{cfg['experiment']}: score curves")
-            plot_histograms(hists, score_dir / "score_histograms.png", cfg["scores"]["plot_epochs"],
-                            f"{cfg['experiment']}: pos/neg scores")
+            plot_score_curves(stats, score_dir / "score_curves.png", f"{cfg.experiment}: score curves")
+            plot_histograms(hists, score_dir / "score_histograms.png", cfg.scores.plot_epochs,
+                            f"{cfg.experiment}: pos/neg scores")
         logger.log_artifact(score_dir, "score_distribution")
     logger.log_artifact(out_dir / "config.yaml", "config")
-    summary = {"epochs": cfg["optim"]["epochs"], **last, "checkpoint": str(out_dir / "checkpoints" / ckpt.LAST)}
+    summary = {"epochs": cfg.optim.epochs, **last, "checkpoint": str(out_dir / "checkpoints" / ckpt.LAST)}
     write_json(done, summary)
     return summary

@@ -10,7 +10,9 @@ import torch
 
 from ftcl import checkpoint as ckpt
 from ftcl import config
-from ftcl.methods.base import build_method, ema_update
+from ftcl.config import batch_layout
+from ftcl.methods import build_method
+from ftcl.methods.base import ema_update
 from ftcl.models.backbones import build_backbone
 from ftcl.train import pretrain
 
@@ -19,11 +21,18 @@ TINY = {"model.width": 8, "model.small_stem": True, "model.feature_dim": 16, "me
         "data.dataset": "digits"}
 
 
-def tiny_method(name: str = "moco", **overrides):
-    """A seeded method of width 8 on 1-channel 8 px inputs (``overrides``: dotted config keys)."""
-    cfg = config.resolve(overrides={**TINY, "method.name": name, **overrides})
+def tiny_method(name: str = "moco", world: int = 1, **overrides):
+    """A seeded method of width 8 on 1-channel 8 px inputs (``overrides``: dotted config keys) for a
+    run of ``world`` processes."""
+    cfg = config.resolve(overrides={**TINY, "method.name": name, **overrides}, world=world)
     torch.manual_seed(0)
-    return build_method(cfg, build_backbone(cfg["model"], in_channels=1))
+    return build_method(cfg, make_backbone(cfg), batch_layout(cfg, world).bn_splits)
+
+
+def make_backbone(cfg: config.RunConfig, in_channels: int = 1):
+    """The backbone of ``cfg``'s ``model`` section."""
+    m = cfg.model
+    return build_backbone(m.backbone, m.width, m.small_stem, in_channels)
 
 
 def assert_ema_follows(method, online: torch.nn.Module, target: torch.nn.Module, momentum: float = 0.9) -> None:
@@ -38,7 +47,7 @@ def assert_ema_follows(method, online: torch.nn.Module, target: torch.nn.Module,
         assert torch.allclose(a, momentum * b + (1 - momentum) * o)
 
 
-def smoke_cfg(**overrides) -> dict:
+def smoke_cfg(**overrides) -> config.RunConfig:
     """One epoch of 4 batches of 64 digits, tracking off."""
     return config.resolve(overrides={
         "device": "cpu", "data.dataset": "digits", "data.train_subset": 256, "model.width": 8, "model.small_stem": True,
@@ -56,7 +65,7 @@ def check_smoke_run(tmp_path, cfg) -> None:
     assert len(stats) == 256 // 64
     assert stats[["loss", "pos_mean", "neg_mean", "neg_var"]].notna().all().all()
     backbone, saved = ckpt.load_backbone(tmp_path)
-    assert saved["method"]["name"] == cfg["method"]["name"]
+    assert saved["method"]["name"] == cfg.method.name
     state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
-    rebuilt = build_method(cfg, build_backbone(cfg["model"], 1))
+    rebuilt = build_method(cfg, make_backbone(cfg), batch_layout(cfg).bn_splits)
     rebuilt.load_state_dict(state["method"])  # every key and shape matches

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_ema_follows, check_smoke_run, smoke_cfg, tiny_method
 
+from ftcl.methods.base import off_diagonal
 from ftcl.methods.byol import BYOL
-from ftcl.methods.simsiam import SimSiam, off_diagonal
+from ftcl.methods.simsiam import SimSiam
 from ftcl.models.heads import PredictionHead, ProjectionHead
 from ftcl.scores import ScoreRecorder
 

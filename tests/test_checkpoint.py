@@ -10,8 +10,8 @@ from ftcl.models.backbones import build_backbone
 
 def state(epoch: int, width: int = 8) -> dict:
     cfg = config.resolve(overrides={"model.width": width})
-    return {"epoch": epoch, "config": cfg, "in_channels": 1,
-            "backbone": build_backbone(cfg["model"], 1).state_dict()}
+    return {"epoch": epoch, "config": config.to_dict(cfg), "in_channels": 1,
+            "backbone": build_backbone("resnet18", width, False, 1).state_dict()}
 
 
 def test_save_epoch_keeps_the_newest_and_last(tmp_path):
@@ -39,10 +39,10 @@ def test_backbone_from_another_architecture_fails_loudly(tmp_path):
     ckpt.save_epoch(state(1, width=8), tmp_path / "checkpoints", keep=1)
     backbone, cfg = ckpt.load_backbone(tmp_path)
     assert cfg["model"]["width"] == 8
-    wider = build_backbone(config.resolve(overrides={"model.width": 16})["model"], 1)
+    wider = build_backbone("resnet18", 16, False, 1)
     with pytest.raises(ckpt.CheckpointError, match=r"does not fit this backbone: shape mismatches \['conv1.weight"):
         ckpt.load_backbone_state(wider, backbone.state_dict(), "x.pt")
-    other = build_backbone(config.resolve(overrides={"model.backbone": "resnet50", "model.width": 8})["model"], 1)
+    other = build_backbone("resnet50", 8, False, 1)
     with pytest.raises(ckpt.CheckpointError, match="missing keys"):
         ckpt.load_backbone_state(other, backbone.state_dict(), "x.pt")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import pickle
 import shutil
@@ -17,6 +18,8 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
+from ftcl.config import resolve
+from ftcl.config.types import Data
 from ftcl.data import views
 from ftcl.data.datasets import (
     DATASETS,
@@ -27,17 +30,9 @@ from ftcl.data.datasets import (
 )
 
 
-def cfg(dataset: str, **kw) -> dict:
-    base = {
-        "dataset": dataset,
-        "root": None,
-        "image_size": None,
-        "train_subset": None,
-        "test_subset": None,
-        "class_list": None,
-        "num_workers": 0,
-    }
-    return {**base, **kw}
+def cfg(dataset: str, **kw) -> Data:
+    """The typed ``data`` section of a run config, the defaults but for ``kw``."""
+    return dataclasses.replace(resolve().data, **{"dataset": dataset, "root": None, "num_workers": 0, **kw})
 
 
 @pytest.fixture(scope="module")

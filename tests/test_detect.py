@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,11 +19,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ftcl import config
 from ftcl.checkpoint import FORMAT, CheckpointError, atomic_save
 from ftcl.config import ConfigError
+from ftcl.config.types import Detection
 from ftcl.data import detection as ddata
 from ftcl.detection.metrics import evaluate_detections, voc07_ap, voc_precision_recall
 from ftcl.detection.model import AlignedRoIAlign, backbone_weights, build_detector
 from ftcl.detection.norm import BatchLayout, VirtualSyncBatchNorm2d, feature_extent
-from ftcl.detection.stage import detection_settings
 from ftcl.detection.train import hflip, lr_at, precise_bn, train_detector, update_bn_stats
 from ftcl.models.backbones import build_backbone
 
@@ -39,20 +40,21 @@ def write_pretrain_checkpoint(folder: Path, overrides: dict, in_channels: int = 
     ``weights_of`` model config when given (a mismatched checkpoint)."""
     cfg = config.resolve(overrides={**overrides, "data.dataset": "digits", "tracking.enabled": False})
     torch.manual_seed(seed)
-    state = build_backbone(weights_of or cfg["model"], in_channels).state_dict()
+    model = weights_of or config.to_dict(cfg.model)
+    state = build_backbone(model["backbone"], model["width"], model["small_stem"], in_channels).state_dict()
     for key, value in state.items():
         if key.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "running_var", "downsample.1.weight")):
             value.uniform_(0.8, 1.2)
         elif key.endswith(("bias", "running_mean")):
             value.normal_(0.0, 0.05)
-    path = atomic_save({"format": FORMAT, "epoch": 3, "config": cfg, "in_channels": in_channels,
+    path = atomic_save({"format": FORMAT, "epoch": 3, "config": config.to_dict(cfg), "in_channels": in_channels,
                         "backbone": state}, folder / "checkpoints" / "last.pt")
     return path, state
 
 
-def small_settings(**extra) -> dict:
+def small_settings(**extra) -> Detection:
     overrides = {f"detection.{k}": v for k, v in {**SMALL_DETECTOR, **extra}.items()}
-    return detection_settings(config.resolve(overrides=overrides))
+    return config.resolve(overrides=overrides).detection
 
 
 # ------------------------------------------------------------------ (i) the checkpoint's weights
@@ -67,8 +69,9 @@ def test_detector_holds_the_checkpoint_backbone_weights(tmp_path, head, norm):
     assert len(compared) > 50
     for key in compared:
         assert torch.equal(weights[key], state[key]), key
-    random_model = build_detector("random", None, head, 3, norm, model_cfg=config.resolve(
-        overrides=SMALL_MODEL)["model"], in_channels=1, settings=settings)
+    small_model = config.to_dict(config.resolve(overrides=SMALL_MODEL).model)
+    random_model = build_detector("random", None, head, 3, norm, model_cfg=small_model, in_channels=1,
+                                  settings=settings)
     assert not torch.equal(backbone_weights(random_model)["conv1.weight"], state["conv1.weight"])
 
 
@@ -143,7 +146,7 @@ def test_a_checkpoint_that_does_not_fit_fails_loudly(tmp_path, mismatch):
         atomic_save(saved, path)
     else:
         key, value = ("model.width", 32) if mismatch == "width" else ("model.backbone", "resnet50")
-        wrong = config.resolve(overrides={**SMALL_MODEL, key: value})["model"]
+        wrong = config.to_dict(config.resolve(overrides={**SMALL_MODEL, key: value}).model)
         write_pretrain_checkpoint(tmp_path, SMALL_MODEL, weights_of=wrong)
     with pytest.raises(CheckpointError, match=r"last\.pt does not fit this backbone"):
         build_detector("pretrained", tmp_path, "c4", 3, "frozen", settings=small_settings())
@@ -354,7 +357,7 @@ def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp
     data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
     det = small_settings(min_size=[48], max_size=48, batch_size=2, iterations=6, warmup_iterations=2,
                          milestones=[5], num_workers=0, log_every=1, checkpoint_every=2, lr_per_16=0.05)
-    model_cfg = config.resolve(overrides=SMALL_MODEL)["model"]
+    model_cfg = config.to_dict(config.resolve(overrides=SMALL_MODEL).model)
 
     def detector():
         torch.manual_seed(0)
@@ -547,7 +550,7 @@ def test_virtual_sync_bn_uses_equal_weight_statistics_of_each_pairs_own_canvas()
 
 @pytest.mark.parametrize("small_stem", [False, True])
 def test_image_regions_map_to_feature_regions_at_every_backbone_level(small_stem, one_torch_thread):
-    net = build_backbone({"backbone": "resnet18", "width": 4, "small_stem": small_stem}, 3).eval()
+    net = build_backbone("resnet18", 4, small_stem, 3).eval()
     shapes: list[tuple[int, int]] = []
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):  # every BatchNorm: the stem and each block of res2-res5
@@ -637,7 +640,7 @@ def test_precise_bn_recomputes_the_detectors_statistics_over_training_batches(tm
     data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
     det = small_settings(min_size=[32, 48], max_size=48, batch_size=4, iterations=1, num_workers=0,
                          precise_bn_iterations=3)  # two scales: pairs of unequal canvases in a batch padded to 64
-    model_cfg = config.resolve(overrides=SMALL_MODEL)["model"]
+    model_cfg = config.to_dict(config.resolve(overrides=SMALL_MODEL).model)
     torch.manual_seed(0)
     model = build_detector("random", None, "c4", len(classes), norm, model_cfg=model_cfg, in_channels=1,
                            settings=det).eval()
@@ -673,8 +676,9 @@ def test_precise_bn_recomputes_the_detectors_statistics_over_training_batches(tm
         assert torch.allclose(bn.running_var.double(), var, rtol=1e-4, atol=1e-5), name
     assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
 
-    assert precise_bn(model, data, {**det, "precise_bn_iterations": 0}, torch.device("cpu"), 0, lines.append) == 0
-    assert precise_bn(model, data, {**det, "iterations": 0}, torch.device("cpu"), 0, lines.append) == 0
+    cpu = torch.device("cpu")
+    assert precise_bn(model, data, dataclasses.replace(det, precise_bn_iterations=0), cpu, 0, lines.append) == 0
+    assert precise_bn(model, data, dataclasses.replace(det, iterations=0), cpu, 0, lines.append) == 0
     frozen = build_detector("random", None, "c4", len(classes), "frozen", model_cfg=model_cfg, in_channels=1,
                             settings=det)
     assert precise_bn(frozen, data, det, torch.device("cpu"), 0, lines.append) == 0

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ftcl import config
 from ftcl.evaluate import feature_batches, knn_predict, topk_accuracy, train_linear
 
 
@@ -26,8 +27,8 @@ def test_linear_probe_separates_separable_features():
     torch.manual_seed(0)
     x = torch.cat([torch.randn(100, 5) + 3, torch.randn(100, 5) - 3])
     y = torch.cat([torch.zeros(100), torch.ones(100)]).long()
-    cfg = {"epochs": 10, "batch_size": 32, "lr": 0.5, "momentum": 0.9, "weight_decay": 0.0,
-           "schedule": "cosine", "milestones": []}
+    cfg = config.resolve(overrides={"eval.linear.epochs": 10, "eval.linear.batch_size": 32, "eval.linear.lr": 0.5,
+                                    "eval.linear.schedule": "cosine"}).eval.linear
     batches = feature_batches(x, y, 32, torch.Generator().manual_seed(0))
     clf = train_linear(batches, 5, 2, cfg, torch.device("cpu"), echo=lambda *_: None)
     assert topk_accuracy(clf(x), y)["top1"] > 99
@@ -50,14 +51,13 @@ def test_linear_result_reports_the_configured_epoch_and_records_both():
 
 
 def test_linear_probe_evaluates_every_epoch_and_says_which_epoch_it_reports():
-    from ftcl import config
     from ftcl.evaluate import linear_probe
     from ftcl.models.backbones import build_backbone
 
     cfg = config.resolve(overrides={"data.dataset": "digits", "model.width": 8, "model.small_stem": True,
                                     "eval.linear.epochs": 3, "eval.linear.lr": 1.0, "eval.linear.report": "best"})
     torch.manual_seed(0)
-    result = linear_probe(build_backbone(cfg["model"], 1), cfg, torch.device("cpu"), echo=lambda *_: None)
+    result = linear_probe(build_backbone("resnet18", 8, True, 1), cfg, torch.device("cpu"), echo=lambda *_: None)
     assert len(result["top1_curve"]) == 3
     assert result["top1"] == result["top1_best"] == max(result["top1_curve"])
     assert result["top1_last"] == result["top1_curve"][-1]

@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from helpers import check_smoke_run, smoke_cfg, tiny_method
 
 from ftcl import config
-from ftcl.methods.moco import info_nce
+from ftcl.config.types import FA
+from ftcl.losses import info_nce, multi_positive_info_nce
 from ftcl.transforms.fa import (
-    FAConfig,
     FeatureAugmentation,
     gaussian_perturb,
     interpolate_toward,
-    multi_positive_info_nce,
     nearest_index,
     other_index,
     rescale_to,
@@ -26,9 +25,19 @@ def tiny(name: str = "moco", **overrides):
     return tiny_method(name, **{"fa.enabled": True, **overrides})
 
 
+#: test keyword -> the fa key it sets
+FA_KEYS = {"lambda_min": "interpolate.lambda_min", "source": "interpolate.source", "partner": "interpolate.partner",
+           "mlp_adversarial": "mlp.adversarial", "moco_positives": "moco.positives", "moco_negatives": "moco.negatives"}
+
+
+def fa_section(**kw) -> FA:
+    """The run config's ``fa`` section, enabled, ftcl's defaults but for ``kw``."""
+    return config.resolve(overrides={"fa.enabled": True, **{f"fa.{FA_KEYS.get(k, k)}": v for k, v in kw.items()}}).fa
+
+
 def fa(dim: int = 4, **kw) -> FeatureAugmentation:
     torch.manual_seed(0)
-    return FeatureAugmentation(FAConfig(enabled=True, **kw), dim, has_queue=True)
+    return FeatureAugmentation(fa_section(**kw), dim)
 
 
 # ------------------------------------------------------------------ operators
@@ -100,9 +109,10 @@ def test_interpolation_toward_the_queue_and_nearest_partners():
     assert ((ratio >= 0) & (ratio <= 1)).all()
 
 
-def test_queue_source_needs_a_queue():
-    with pytest.raises(ValueError, match="needs a method with a queue"):
-        tiny("byol", **{"fa.operator": "interpolate", "fa.interpolate.source": "queue"})
+def test_queue_source_needs_a_queue_and_is_rejected_when_the_config_is_resolved():
+    with pytest.raises(config.ConfigError, match=r"fa.interpolate.source.*'byol' has no queue"):
+        config.resolve(overrides={"method.name": "byol", "fa.enabled": True, "fa.operator": "interpolate",
+                                  "fa.interpolate.source": "queue"})
     with pytest.raises(config.ConfigError, match="fa.operator"):
         config.resolve(overrides={"fa.operator": "dropout"})
 
@@ -145,7 +155,7 @@ def test_moco_extra_positives_and_negatives_shapes_and_identity_case():
     assert extra_pos.shape == (3, 2) and extra_neg.shape == (3, 16)
     pos, neg = (q * k).sum(1), q @ queue.T
     assert torch.allclose(extra_pos, pos[:, None].expand(3, 2)) and torch.allclose(extra_neg, neg.repeat(1, 2))
-    off = FeatureAugmentation(FAConfig(enabled=True, moco_positives=False, moco_negatives=False), 4)
+    off = FeatureAugmentation(fa_section(moco_positives=False, moco_negatives=False), 4)
     assert off.instance_discrimination(q, k, queue) == (None, None)
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ftcl.config.types import FTSide
 from ftcl.transforms.ft import (
     FeatureTransform,
-    SideConfig,
     extrapolate_positives,
     interpolate_negatives,
     interpolate_positives,
@@ -16,6 +16,12 @@ from ftcl.transforms.ft import (
     mix_pair,
     sample_lambda,
 )
+
+
+def side(mode: str = "none", **kw) -> FTSide:
+    """One side of the run config's ``ft`` section: ftcl's defaults but for ``mode`` and ``kw``."""
+    return FTSide(**{"mode": mode, "distribution": "beta", "alpha": 1.0, "granularity": "iteration",
+                     "renormalize": False, **kw})
 
 
 def unit_pair(cos: float, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +109,7 @@ def test_uniform_lambda_and_bad_arguments():
 
 
 def test_feature_transform_respects_start_epoch_and_modes():
-    ft = FeatureTransform(SideConfig("extrapolate", alpha=2.0), SideConfig("interpolate", alpha=1.6), start_epoch=2)
+    ft = FeatureTransform(side("extrapolate", alpha=2.0), side("interpolate", alpha=1.6), start_epoch=2)
     q = F.normalize(torch.randn(8, 16), dim=1)
     k = F.normalize(torch.randn(8, 16), dim=1)
     queue = F.normalize(torch.randn(32, 16), dim=1)
@@ -115,8 +121,8 @@ def test_feature_transform_respects_start_epoch_and_modes():
 
 
 def test_renormalize_puts_mixed_features_back_on_the_sphere():
-    ft = FeatureTransform(SideConfig("extrapolate", renormalize=True, granularity="sample"),
-                          SideConfig("interpolate", renormalize=True, granularity="element"))
+    ft = FeatureTransform(side("extrapolate", renormalize=True, granularity="sample"),
+                          side("interpolate", renormalize=True, granularity="element"))
     q, k = (F.normalize(torch.randn(8, 16), dim=1) for _ in range(2))
     q2, k2, n2 = ft(q, k, F.normalize(torch.randn(32, 16), dim=1), epoch=0)
     for t in (q2, k2, n2):
@@ -125,4 +131,4 @@ def test_renormalize_puts_mixed_features_back_on_the_sphere():
 
 def test_unknown_modes_are_rejected():
     with pytest.raises(ValueError, match="positive.mode"):
-        FeatureTransform(SideConfig("sideways"), SideConfig())
+        FeatureTransform(side("sideways"), side())

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ftcl import config
-from ftcl.scores import ScoreRecorder
+from ftcl.config import batch_layout
+from ftcl.scores import ScoreRecorder, histogram_range
 from ftcl.train import TrainStep
 
 
@@ -25,7 +26,7 @@ def build(gpu_path: bool, **overrides):
                                     "ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate",
                                     **overrides})
     torch.manual_seed(0)
-    return cfg, TrainStep.build(cfg, Digits(), torch.device("cpu"), gpu_path_on_cpu=gpu_path)
+    return cfg, TrainStep.build(cfg, Digits(), torch.device("cpu"), batch_layout(cfg), gpu_path_on_cpu=gpu_path)
 
 
 def images(n=16, seed=0):
@@ -51,8 +52,8 @@ def test_under_autocast_the_logits_the_scores_and_the_loss_are_float32():
         q = step.method.encoder_q(v1)
     assert q.dtype == torch.bfloat16  # the encoder itself does run in bf16
     assert out.pos.dtype == out.neg.dtype == out.loss.dtype == torch.float32
-    recorder = ScoreRecorder.from_config({**cfg["scores"], "histogram_epochs": [0], "histogram_every": 1}, 1, 1,
-                                         torch.device("cpu"), cfg["ft"])
+    recorder = ScoreRecorder(1, 1, [0], 1, cfg.scores.bins, torch.device("cpu"), cfg.scores.rows,
+                             histogram_range(cfg.scores.range, cfg.ft.positive))
     recorder.start_epoch(0)
     recorder.record(0, out.loss, out.pos, out.neg, out.temperature)
     assert torch.isfinite(recorder._stats[0]).all()
@@ -110,7 +111,7 @@ def test_the_gpu_path_on_cuda_trains_with_bf16_channels_last_and_split_bn():
                                     "optim.channels_last": True, "ft.positive.mode": "extrapolate",
                                     "ft.negative.mode": "interpolate"})
     torch.manual_seed(0)
-    step = TrainStep.build(cfg, Digits(), torch.device("cuda"))
+    step = TrainStep.build(cfg, Digits(), torch.device("cuda"), batch_layout(cfg))
     assert step.channels_last and step.method.bn_splits == 8
     batch = images(256).cuda()
     outs = [step(batch, 0, 0.03) for _ in range(5)]
@@ -123,8 +124,8 @@ def test_the_gpu_path_on_cuda_trains_with_bf16_channels_last_and_split_bn():
 @cuda
 def test_score_recording_on_cuda_makes_one_host_copy_per_epoch():
     cfg, _ = build(gpu_path=True)
-    recorder = ScoreRecorder.from_config({**cfg["scores"], "histogram_epochs": [0], "histogram_every": 1}, 4, 1,
-                                         torch.device("cuda"), cfg["ft"])
+    recorder = ScoreRecorder(4, 1, [0], 1, cfg.scores.bins, torch.device("cuda"), cfg.scores.rows,
+                             histogram_range(cfg.scores.range, cfg.ft.positive))
     recorder.start_epoch(0)
     for i in range(4):
         recorder.record(i, torch.ones((), device="cuda"), torch.rand(8, device="cuda"),

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import check_smoke_run, smoke_cfg, tiny_method
+from helpers import check_smoke_run, make_backbone, smoke_cfg, tiny_method
 
 from ftcl import config
-from ftcl.methods.base import build_method
-from ftcl.models.backbones import build_backbone
+from ftcl.methods import build_method
 from ftcl.transforms.hsg import (
     ConditionalGenerator,
     HardSampleGenerator,
@@ -175,7 +174,7 @@ def test_fraction_outside_the_unit_interval_is_rejected():
 
 def test_disabled_hsg_adds_no_parameters():
     cfg = config.resolve(overrides={"model.width": 8, "model.small_stem": True, "data.dataset": "digits"})
-    moco = build_method(cfg, build_backbone(cfg["model"], 1))
+    moco = build_method(cfg, make_backbone(cfg), bn_splits=8)
     assert moco.hsg is None and not any(k.startswith("hsg") for k in moco.state_dict())
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_method
 
-from ftcl.methods.moco import info_nce
+from ftcl.losses import info_nce
 
 WORLD, PER_PROCESS, SEED = 2, 4, 3
 HSG = {"hsg.enabled": True, "method.bn_splits": 1, "method.shuffle_bn": True}  # bn_splits 1: a multi-GPU run
@@ -36,7 +36,7 @@ def _child(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
-        method = tiny_method("moco", **HSG)  # seeded: the same weights in every process
+        method = tiny_method("moco", world=2, **HSG)  # seeded: the same weights in every process
         seen = {}
         method.encoder_k.register_forward_hook(lambda m, args, output: seen.update(input=args[0].detach()))
         x2, loss = _pair_step(method, *_inputs(rank))
@@ -50,7 +50,7 @@ def _child(rank: int, init: str, out: str) -> None:
 def _reference():
     """One process, the same global batch and permutation by hand: gather, permute, one key batch per
     process slice, unshuffle; each process's queries with its own BatchNorm batch; summed losses."""
-    method = tiny_method("moco", **HSG)
+    method = tiny_method("moco", world=2, **HSG)
     x, x1, z = (torch.cat(parts) for parts in zip(*(_inputs(r) for r in range(WORLD)), strict=True))
     x2 = method.hsg.gen_b(x, z)
     x2.retain_grad()

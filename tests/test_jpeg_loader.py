@@ -3,6 +3,7 @@ the reference path (``data.decode: pil``: PIL decode + torchvision RandomResized
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import pickle
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from ftcl import config
+from ftcl.config.types import Data
 from ftcl.data import jpeg
 from ftcl.data.datasets import build_dataset, folder_transform, load_rgb
 from ftcl.errors import ConfigError, CorruptImageError
@@ -35,9 +37,10 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
-def cfg(root: Path, **kw) -> dict:
-    return {"dataset": "imagefolder", "root": str(root), "image_size": SIZE, "train_subset": None,
-            "test_subset": None, "class_list": None, "num_workers": 0, **kw}
+def cfg(root: Path, **kw) -> Data:
+    """The typed ``data`` section for an ImageFolder at ``root``."""
+    return dataclasses.replace(config.resolve().data, dataset="imagefolder", root=str(root), image_size=SIZE,
+                               num_workers=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +297,7 @@ def test_corrupt_jpeg_fails_naming_the_file(tmp_path, jpeg_root):
 
 def test_decode_key_is_checked():
     assert config.defaults()["data"]["decode"] == "fast"
-    assert config.resolve(overrides={"data.decode": "pil"})["data"]["decode"] == "pil"
+    assert config.resolve(overrides={"data.decode": "pil"}).data.decode == "pil"
     with pytest.raises(ConfigError, match="data.decode"):
         config.resolve(overrides={"data.decode": "gpu"})
     with pytest.raises(ValueError, match="data.decode"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_ema_follows, tiny_method
 
-from ftcl.methods.moco import info_nce
+from ftcl.losses import info_nce
 
 
 def tiny_moco(**overrides):

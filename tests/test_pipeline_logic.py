@@ -33,7 +33,7 @@ def test_every_run_config_key_belongs_to_the_stages_that_read_it():
     missing = []
     for key in keys:
         try:
-            stages = pipeline.stages_of(key)
+            stages = runconfig.stages_of(key)
         except KeyError:
             missing.append(key)
             continue
@@ -41,11 +41,11 @@ def test_every_run_config_key_belongs_to_the_stages_that_read_it():
     assert not missing, f"run-config keys without `x-stages` in config.schema.yaml: {missing}"
     schema = runconfig.schema()
     assert all("x-stages" in node for node in schema["properties"].values()), "every top-level key declares x-stages"
-    assert pipeline.stages_of("optim.lr_per_256") == ("pretrain",)
-    assert pipeline.stages_of("eval.knn.k") == ("knn",)
-    assert pipeline.stages_of("detection.iterations") == ("detection",)
-    assert pipeline.stages_of("tracking.uri") == () and pipeline.stages_of("log_every") == ()
-    assert set(pipeline.stages_of("seed")) == set(STAGES)
+    assert runconfig.stages_of("optim.lr_per_256") == ("pretrain",)
+    assert runconfig.stages_of("eval.knn.k") == ("knn",)
+    assert runconfig.stages_of("detection.iterations") == ("detection",)
+    assert runconfig.stages_of("tracking.uri") == () and runconfig.stages_of("log_every") == ()
+    assert set(runconfig.stages_of("seed")) == set(STAGES)
 
 
 @pytest.mark.parametrize(("key", "value", "changed"), [
@@ -62,17 +62,17 @@ def test_every_run_config_key_belongs_to_the_stages_that_read_it():
 ])
 def test_a_key_changes_only_the_digests_of_the_stages_that_read_it(key, value, changed):
     base = runconfig.resolve(overrides={"data.dataset": "digits"})
-    edited = runconfig.resolve(overrides={key: value}, base=base)
+    edited = runconfig.resolve(overrides={key: value}, base=runconfig.to_dict(base))
     moved = {s for s in STAGES if pipeline.stage_digest(base, s) != pipeline.stage_digest(edited, s)}
     assert moved == changed
 
 
 def test_a_key_added_at_its_default_changes_no_digest():
     cfg = runconfig.resolve(overrides={"data.dataset": "digits", "eval.knn.k": 50})
-    without = copy.deepcopy(cfg)
+    without = runconfig.to_dict(cfg)
     del without["data"]["decode"]  # as a run config written before the key existed
     assert all(pipeline.stage_digest(cfg, s) == pipeline.stage_digest(without, s) for s in STAGES)
-    at_default = runconfig.resolve(overrides={"eval.knn.k": 200}, base=cfg)  # back to the default: a change
+    at_default = runconfig.replace(cfg, {"eval.knn.k": 200})  # back to the default: a change
     assert pipeline.stage_digest(at_default, "knn") != pipeline.stage_digest(cfg, "knn")
 
 
@@ -80,10 +80,10 @@ def test_rows_of_the_tiny_pipeline_resolve_with_row_and_seed():
     pipe = pipeline.load(tiny(), check_paths=False)
     assert pipe.row_names == ["moco_v2", "+ft"] and pipe.baseline == "moco_v2"
     cfg = pipe.run_config("+ft", 3)
-    tags = cfg["tracking"]["tags"]
-    assert cfg["seed"] == 3 and (tags["row"], tags["seed"]) == ("+ft", 3) and "row overrides:" in tags["description"]
+    tags = cfg.tracking.tags
+    assert cfg.seed == 3 and (tags["row"], tags["seed"]) == ("+ft", 3) and "row overrides:" in tags["description"]
     assert json.loads(tags["overrides"]) == {"ft.negative.mode": "interpolate", "ft.positive.mode": "extrapolate"}
-    assert cfg["ft"]["positive"]["mode"] == "extrapolate"
+    assert cfg.ft.positive.mode == "extrapolate"
     assert pipe.references == {"+ft": "moco_v2"}
 
 
@@ -96,8 +96,8 @@ def test_a_grid_expands_to_named_rows_each_validated():
     grid_rows = [r for r in pipe.rows if r.group == "+ft"]
     assert [r.name for r in grid_rows] == ["+ft[alpha=1,start_epoch=0]", "+ft[alpha=1,start_epoch=3]",
                                           "+ft[alpha=2.5,start_epoch=0]", "+ft[alpha=2.5,start_epoch=3]"]
-    assert pipe.run_config("+ft[alpha=2.5,start_epoch=3]", 0)["ft"]["positive"]["alpha"] == 2.5
-    assert pipe.run_config("+ft[alpha=2.5,start_epoch=3]", 0)["ft"]["start_epoch"] == 3
+    assert pipe.run_config("+ft[alpha=2.5,start_epoch=3]", 0).ft.positive.alpha == 2.5
+    assert pipe.run_config("+ft[alpha=2.5,start_epoch=3]", 0).ft.start_epoch == 3
     assert all(r.overrides["ft.negative.mode"] == "interpolate" for r in grid_rows)
     assert pipeline.grid_labels(["ft.positive.alpha", "ft.negative.alpha"]) == {
         "ft.positive.alpha": "positive.alpha", "ft.negative.alpha": "negative.alpha"}
@@ -169,7 +169,7 @@ def test_the_stage_lists_of_the_pipeline_schema_are_the_stages():
 # ------------------------------------------------------------------------------------ run folders
 def _finished(run_dir: Path, stage: str, cfg: dict) -> runfolders.Prepared:
     prepared = runfolders.prepare(run_dir, stage, cfg)
-    (prepared.folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (prepared.folder / "config.yaml").write_text(yaml.safe_dump(runconfig.to_dict(cfg)))
     (prepared.folder / "checkpoints").mkdir(exist_ok=True)
     (prepared.folder / "checkpoints" / "last.pt").write_bytes(b"weights")
     (prepared.folder / f"{stage}.json").write_text(json.dumps({"top1": 50.0}))
@@ -180,7 +180,7 @@ def _finished(run_dir: Path, stage: str, cfg: dict) -> runfolders.Prepared:
 def test_a_stage_with_the_same_settings_is_done_or_resumed_never_moved(tmp_path):
     cfg = runconfig.resolve(overrides={"data.dataset": "digits"})
     first = _finished(tmp_path, "pretrain", cfg)
-    again = runfolders.prepare(tmp_path, "pretrain", runconfig.resolve(overrides={"log_every": 3}, base=cfg))
+    again = runfolders.prepare(tmp_path, "pretrain", runconfig.replace(cfg, {"log_every": 3}))
     assert again.state == "done" and again.key["id"] == json.loads((tmp_path / "pretrain.done").read_text())["id"]
     assert again.key["id"] == first.key["id"] or first.key["id"] == ""
     (tmp_path / "pretrain" / "pretrain.json").unlink()  # interrupted before the end: resume
@@ -192,7 +192,7 @@ def test_changed_settings_move_the_finished_folder_aside_intact(tmp_path):
     cfg = runconfig.resolve(overrides={"data.dataset": "digits"})
     _finished(tmp_path, "pretrain", cfg)
     _finished(tmp_path, "linear", cfg)
-    edited = runconfig.resolve(overrides={"optim.lr_per_256": 0.5}, base=cfg)
+    edited = runconfig.replace(cfg, {"optim.lr_per_256": 0.5})
     moved = runfolders.prepare(tmp_path, "pretrain", edited)
     assert moved.state == "superseded" and "optim.lr_per_256 (0.03 -> 0.5)" in moved.reason
     assert (moved.moved_to / "checkpoints" / "last.pt").read_bytes() == b"weights"
@@ -211,8 +211,8 @@ def test_a_folder_from_before_key_files_is_adopted_when_its_config_matches(tmp_p
     cfg = runconfig.resolve(overrides={"data.dataset": "digits"})
     folder = tmp_path / "knn"
     folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "config.yaml").write_text(yaml.safe_dump(runconfig.to_dict(cfg)))
     (folder / "knn.json").write_text("{}")
     assert runfolders.prepare(tmp_path, "knn", cfg).state == "done"
-    other = runconfig.resolve(overrides={"eval.knn.k": 5}, base=cfg)
+    other = runconfig.replace(cfg, {"eval.knn.k": 5})
     assert runfolders.prepare(tmp_path, "knn", other).state == "superseded"

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from ftcl import config
+from ftcl.config import batch_layout
 from ftcl.detection.train import base_lr, lr_at
-from ftcl.evaluate import _linear_lr
+from ftcl.schedules import learning_rate, linear_probe_lr
 from ftcl.scores import histogram_range
-from ftcl.train import batch_layout, learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,12 @@ def row_names(path: str, rows) -> list[str]:
 
 
 @functools.cache
-def resolved(path: str, row: str) -> tuple[dict, int]:
+def resolved(path: str, row: str) -> tuple[config.RunConfig, int]:
     pipe = pipeline(path)
     rows = {r["name"]: r for r in pipe["ablations"]}
     assert row in rows, f"docs/protocols.yaml names row {row!r} of {path}, which the config does not have"
-    cfg = config.resolve(overrides=config.flatten(rows[row].get("overrides") or {}), base=pipe["defaults"])
+    cfg = config.resolve(overrides=config.flatten(rows[row].get("overrides") or {}), base=pipe["defaults"],
+                         world=gpus(pipe), stages=pipe["stages"])
     return cfg, gpus(pipe)
 
 
@@ -111,26 +112,26 @@ def expected(key: str, value):
 
 # --- ftcl's effective values, through the functions training uses ---------------------------------
 
-def effective(cfg: dict, world: int, key: str, spec):
+def effective(cfg: config.RunConfig, world: int, key: str, spec):
     layout = batch_layout(cfg, world)
-    det, lin, o = cfg["detection"], cfg["eval"]["linear"], cfg["optim"]
+    det, lin, o = cfg.detection, cfg.eval.linear, cfg.optim
     derived = {
         "@world": lambda: world,
         "@per_process_batch": lambda: layout.per_process,
         "@bn_splits": lambda: layout.bn_splits,
-        "@lr": lambda: learning_rate(cfg, o["warmup_epochs"], 0, 1),
-        "@lr_schedule": lambda: [learning_rate(cfg, e, 0, 1) for e in range(o["epochs"])],
-        "@linear_lr_schedule": lambda: [_linear_lr(lin, e) for e in range(lin["epochs"])],
-        "@detection_lr_schedule": lambda: [det["iterations"], *(
-            lr_at(i, base_lr(det), det["warmup_iterations"], det["warmup_factor"], det["milestones"], det["gamma"])
+        "@lr": lambda: learning_rate(o, o.warmup_epochs, 0, 1),
+        "@lr_schedule": lambda: [learning_rate(o, e, 0, 1) for e in range(o.epochs)],
+        "@linear_lr_schedule": lambda: [linear_probe_lr(lin, e) for e in range(lin.epochs)],
+        "@detection_lr_schedule": lambda: [det.iterations, *(
+            lr_at(i, base_lr(det), det.warmup_iterations, det.warmup_factor, det.milestones, det.gamma)
             for i in detection_checkpoints(spec))],
-        "@detection_test_size": lambda: det["min_size"][-1],
-        "@histogram_range": lambda: list(histogram_range(cfg["scores"], cfg["ft"])),
+        "@detection_test_size": lambda: det.min_size[-1],
+        "@histogram_range": lambda: list(histogram_range(cfg.scores.range, cfg.ft.positive)),
     }
     if key.startswith("@"):
         assert key in derived, f"unknown derived key {key!r} in docs/protocols.yaml"
         return derived[key]()
-    flat = config.flatten(cfg)
+    flat = config.flatten(config.to_dict(cfg))
     assert key in flat, f"docs/protocols.yaml names {key!r}, which is not a run-config key"
     return flat[key]
 
@@ -194,7 +195,7 @@ def test_a_planted_wrong_value_fails_the_check(tmp_path):
     pipe = copy.deepcopy(pipeline("config/paper/imagenet1k_moco.yaml"))
     row = next(r for r in pipe["ablations"] if r["name"] == "moco_v1")
     row["overrides"]["optim.schedule"] = "cosine"
-    cfg = config.resolve(overrides=config.flatten(row["overrides"]), base=pipe["defaults"])
+    cfg = config.resolve(overrides=config.flatten(row["overrides"]), base=pipe["defaults"], world=8)
     setting = next(s for sec in DATA["sections"] for s in sec["settings"] if s["setting"] == "lr schedule: MoCo v1")
     assert not same(effective(cfg, 8, "@lr_schedule", setting["reference"]), expected("@lr_schedule",
                                                                                        setting["reference"]))
@@ -219,7 +220,8 @@ def test_the_fp32_overlay_trains_every_row_of_a_paper_config_in_float32(path):
     overlay = config.load_yaml(REPO / "config" / "overlays" / "fp32.yaml")
     merged = config.deep_merge(pipeline(path), overlay)
     for row in merged["ablations"]:
-        cfg = config.resolve(overrides=config.flatten(row.get("overrides") or {}), base=merged["defaults"])
-        assert cfg["optim"]["amp"] is False, row["name"]
-        assert cfg == config.resolve(overrides={**config.flatten(row.get("overrides") or {}), "optim.amp": False},
-                                     base=pipeline(path)["defaults"])  # nothing else changes
+        overrides = config.flatten(row.get("overrides") or {})
+        cfg = config.resolve(overrides=overrides, base=merged["defaults"], world=gpus(merged))
+        assert cfg.optim.amp is False, row["name"]
+        assert cfg == config.resolve(overrides={**overrides, "optim.amp": False}, base=pipeline(path)["defaults"],
+                                     world=gpus(merged))  # nothing else changes

@@ -129,14 +129,13 @@ def files(tmp_path_factory):
             (corrupt / split / "a" / name).write_bytes(b"\x89PNG not really")
     cfg = config.resolve(overrides={"model.width": 8})
     ckpt.atomic_save({"weights": {}}, d / "foreign.pt")
-    good = {"format": ckpt.FORMAT, "epoch": 1, "config": cfg, "in_channels": 1,
-            "backbone": build_backbone(cfg["model"], 1).state_dict()}
+    good = {"format": ckpt.FORMAT, "epoch": 1, "config": config.to_dict(cfg), "in_channels": 1,
+            "backbone": build_backbone("resnet18", 8, False, 1).state_dict()}
     ckpt.atomic_save(good, d / "ckpt" / "checkpoints" / "last.pt")
     data = (d / "ckpt" / "checkpoints" / "last.pt").read_bytes()
     (d / "truncated" / "checkpoints").mkdir(parents=True)
     (d / "truncated" / "checkpoints" / "last.pt").write_bytes(data[: len(data) // 3])
-    other = config.resolve(overrides={"model.backbone": "resnet50", "model.width": 8})
-    wrong = {**good, "backbone": build_backbone(other["model"], 1).state_dict()}
+    wrong = {**good, "backbone": build_backbone("resnet50", 8, False, 1).state_dict()}
     ckpt.atomic_save(wrong, d / "wrongarch" / "checkpoints" / "last.pt")
     # a run folder of TINY with FT on, resumable: a rerun with FT off must not resume it
     ft_run = config.resolve(overrides={**TINY, "ft.positive.mode": "extrapolate"})

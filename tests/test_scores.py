@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ftcl import config
 from ftcl.scores import ScoreRecorder, load_scores, plot_histograms, plot_score_curves, score_statistics
 
 
@@ -65,8 +66,8 @@ def test_recorder_writes_one_row_per_iteration_and_histograms(tmp_path):
 
 
 def test_recorder_histograms_only_the_sampled_rows(tmp_path):
-    rec = ScoreRecorder.from_config({"histogram_epochs": [0], "histogram_every": 1, "bins": 4, "rows": 2},
-                                    iters_per_epoch=1, total_epochs=1, device=torch.device("cpu"))
+    rec = ScoreRecorder(iters_per_epoch=1, total_epochs=1, histogram_epochs=[0], histogram_every=1, bins=4,
+                        device=torch.device("cpu"), rows=2)
     rec.start_epoch(0)
     rec.record(0, torch.tensor(1.0), torch.full((6,), 0.5), torch.full((6, 10), -0.5), 0.2)
     rec.flush(0, 0, [0.1], tmp_path)
@@ -87,12 +88,14 @@ def test_extrapolated_positives_below_minus_one_are_histogrammed_and_counted(tmp
     pos = torch.cat([pos, torch.tensor([0.5, 0.9, -0.5, 3.5])])  # one above every range too
     neg = torch.zeros(8, 3)
 
-    ft = {"positive": {"mode": "extrapolate", "renormalize": False}}
-    assert histogram_range({"range": None}, ft) == EXTRAPOLATED_RANGE
-    assert histogram_range({"range": None}, {"positive": {"mode": "extrapolate", "renormalize": True}}) == (-1, 1)
+    positive = config.resolve(overrides={"ft.positive.mode": "extrapolate"}).ft.positive
+    assert histogram_range(None, positive) == EXTRAPOLATED_RANGE
+    renormalized = config.resolve(overrides={"ft.positive.mode": "extrapolate", "ft.positive.renormalize": True})
+    assert histogram_range(None, renormalized.ft.positive) == (-1, 1)
     for hist_range, inside_low in ((None, 4), ([-1, 1], 0)):
-        rec = ScoreRecorder.from_config({"histogram_epochs": [0], "histogram_every": 1, "bins": 20, "rows": None,
-                                         "range": hist_range}, 1, 1, torch.device("cpu"), ft)
+        scores = config.resolve(overrides={"scores.histogram_epochs": [0], "scores.histogram_every": 1,
+                                           "scores.bins": 20, "scores.rows": None, "scores.range": hist_range}).scores
+        rec = ScoreRecorder.from_section(scores, 1, 1, torch.device("cpu"), histogram_range(hist_range, positive))
         rec.start_epoch(0)
         rec.record(0, torch.tensor(1.0), pos, neg, 0.2)
         means = rec.flush(0, 0, [0.1], tmp_path)

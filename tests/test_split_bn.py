@@ -8,7 +8,8 @@ from torch import nn
 
 from ftcl import checkpoint as ckpt
 from ftcl import config
-from ftcl.methods.base import resolve_bn_splits
+from ftcl.config import batch_layout
+from ftcl.config.rules import bn_splits
 from ftcl.models.split_bn import (
     SplitBatchNorm1d,
     SplitBatchNorm2d,
@@ -16,7 +17,7 @@ from ftcl.models.split_bn import (
     frozen_bn_statistics,
     split_shuffle,
 )
-from ftcl.train import batch_layout, pretrain
+from ftcl.train import pretrain
 from tests.helpers import smoke_cfg, tiny_method
 
 
@@ -136,12 +137,12 @@ def test_mlp_bn_heads_and_byol_predictors_are_split_too():
 
 
 def test_bn_splits_default_to_eight_for_single_process_moco_and_one_otherwise():
-    moco = config.resolve(overrides={})["method"]
-    assert resolve_bn_splits(moco, world=1) == 8
-    assert resolve_bn_splits(moco, world=4) == 1
-    assert resolve_bn_splits({**moco, "shuffle_bn": False}, world=1) == 1
-    assert resolve_bn_splits({**moco, "name": "byol"}, world=1) == 1
-    assert resolve_bn_splits({**moco, "bn_splits": 2}, world=4) == 2
+    moco = config.resolve()
+    assert bn_splits(moco, world=1) == 8
+    assert bn_splits(moco, world=4) == 1
+    assert bn_splits(config.resolve(overrides={"method.shuffle_bn": False}), world=1) == 1
+    assert bn_splits(config.resolve(overrides={"method.name": "byol"}), world=1) == 1
+    assert bn_splits(config.resolve(overrides={"method.bn_splits": 2}, world=4), world=4) == 2
 
 
 def test_a_shuffle_bn_that_cannot_happen_is_rejected_before_compute():
@@ -177,11 +178,11 @@ def test_frozen_bn_statistics_restores_tracking():
 
 
 def test_a_split_bn_checkpoint_loads_into_a_plain_torchvision_resnet(tmp_path):
+    from helpers import make_backbone
     from torchvision.models.resnet import ResNet
 
     from ftcl.detection.model import build_detector
-    from ftcl.methods.base import build_method
-    from ftcl.models.backbones import build_backbone
+    from ftcl.methods import build_method
 
     cfg = smoke_cfg(**{"method.bn_splits": 4})
     pretrain(cfg, tmp_path, echo=lambda *_: None)
@@ -189,7 +190,7 @@ def test_a_split_bn_checkpoint_loads_into_a_plain_torchvision_resnet(tmp_path):
     assert isinstance(backbone, ResNet)
     assert not any(isinstance(m, SplitBatchNorm2d) for m in backbone.modules())
     assert backbone.bn1.running_var.sum() != 8.0  # the statistics were trained, not defaults
-    method = build_method(cfg, build_backbone(cfg["model"], 1), bn_splits=4)
+    method = build_method(cfg, make_backbone(cfg), bn_splits=4)
     method.load_state_dict(ckpt.load(tmp_path / "checkpoints" / "last.pt")["method"])
     x = torch.randn(8, 1, 8, 8)
     backbone.eval()
@@ -197,5 +198,6 @@ def test_a_split_bn_checkpoint_loads_into_a_plain_torchvision_resnet(tmp_path):
     with torch.no_grad():
         assert torch.allclose(backbone(x), method.backbone(x), atol=1e-5)  # eval mode: plain BN, same stats
     detector = build_detector("pretrained", tmp_path, "c4", 3, "frozen",
-                              settings={**config.defaults()["detection"], "min_size": [32], "max_size": 32})
+                              settings=config.resolve(overrides={"detection.min_size": [32],
+                                                                 "detection.max_size": 32}).detection)
     assert detector is not None

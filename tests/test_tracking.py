@@ -93,7 +93,7 @@ def test_values_come_from_the_run_config_and_a_bad_overrides_tag_fails_early(sto
     assert the_parent(client, "values").data.params == {"seed": "0", "augment.crop_scale": "[0.5, 1.0]",
                                                         "optim.epochs": "3"}
     cfg = run_cfg(uri, "values", FT)
-    cfg["tracking"]["tags"]["overrides"] = "{not json"
+    cfg = config.replace(cfg, {"tracking.tags.overrides": "{not json"})
     with pytest.raises(Exception, match="tracking.tags.overrides"):
         Tracker(cfg, tmp_path / "bad", "pretrain")
 

@@ -21,7 +21,7 @@ from ftcl.train import NonFiniteLossError, pretrain
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def small_fmnist(tmp_path: Path, **extra) -> dict:
+def small_fmnist(tmp_path: Path, **extra) -> config.RunConfig:
     return config.resolve(overrides={
         "data.dataset": "fashion-mnist", "data.train_subset": 2048, "data.test_subset": 1000,
         "model.width": 16, "method.queue_size": 1024, "optim.epochs": 4, "optim.batch_size": 128,
@@ -86,7 +86,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                                     "tracking.enabled": False, "log_every": 1000})
     pretrain(cfg, tmp_path, echo=lambda *_: None)
     good = ckpt.load(tmp_path / "checkpoints" / "last.pt")
-    cfg = config.resolve(overrides={"optim.epochs": 3, "log_every": 1}, base=cfg)  # one more epoch, which diverges
+    cfg = config.replace(cfg, {"optim.epochs": 3, "log_every": 1})  # one more epoch, which diverges
     real_info_nce = moco.info_nce
     monkeypatch.setattr(moco, "info_nce", lambda pos, neg, t: real_info_nce(pos, neg, t) * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at iteration \d+ \(epoch 3\)"):
@@ -114,26 +114,25 @@ def test_ddp_with_torchrun_trains_two_processes_into_one_run(tmp_path):
 
 
 def test_paper_configs_train_at_lr_003_for_a_global_batch_of_256_whatever_the_gpu_count():
-    from ftcl.train import batch_layout, learning_rate
+    from ftcl.config import batch_layout
+    from ftcl.schedules import learning_rate
 
     for path in sorted(Path("config/paper").glob("*.yaml")):
         pipeline = config.load_yaml(path)
-        cfg = config.resolve(base=pipeline["defaults"])
         gpus = pipeline.get("launcher", {}).get("stages", {}).get("pretrain", {}).get(
             "gpus_per_node", pipeline.get("launcher", {}).get("slurm", {}).get("gpus_per_node", 1))
+        cfg = config.resolve(base=pipeline["defaults"], world=gpus)
         layout = batch_layout(cfg, world=gpus)
-        assert layout.global_batch == cfg["optim"]["batch_size"], path
+        assert layout.global_batch == cfg.optim.batch_size, path
         assert layout.per_process * gpus == layout.global_batch, path
-        assert learning_rate(cfg, 0, 0, 100) == pytest.approx(cfg["optim"]["lr_per_256"] * layout.global_batch / 256)
-        if cfg["optim"]["batch_size"] == 256 and cfg["method"]["name"] == "moco" and "hsg" not in path.name:
-            assert learning_rate(cfg, 0, 0, 100) == pytest.approx(0.03), path
+        assert learning_rate(cfg.optim, 0, 0, 100) == pytest.approx(cfg.optim.lr_per_256 * layout.global_batch / 256)
+        if cfg.optim.batch_size == 256 and cfg.method.name == "moco" and "hsg" not in path.name:
+            assert learning_rate(cfg.optim, 0, 0, 100) == pytest.approx(0.03), path
 
 
 def test_a_global_batch_that_does_not_divide_among_processes_is_rejected():
-    from ftcl.train import batch_layout
-
     with pytest.raises(config.ConfigError, match=r"'optim.batch_size' is 100.*3 processes cannot share"):
-        batch_layout(config.resolve(overrides={"optim.batch_size": 100}), world=3)
+        config.resolve(overrides={"optim.batch_size": 100}, world=3)
 
 
 def _backbone_bytes(folder: Path) -> bytes:
@@ -173,11 +172,11 @@ def test_same_seed_and_thread_count_rerun_bit_identically_and_deterministic_pins
 
 def test_step_schedule_multiplies_the_lr_by_gamma_from_each_milestone_on():
     """MoCo v1's main_moco.py: lr x 0.1 from (0-based) epoch 120 and again from 160, constant within an epoch."""
-    from ftcl.train import learning_rate
+    from ftcl.schedules import learning_rate
 
     cfg = config.resolve(overrides={"optim.schedule": "step", "optim.milestones": [120, 160], "optim.gamma": 0.1,
                                     "optim.epochs": 200, "optim.lr_per_256": 0.03})
-    lrs = {(e, it): learning_rate(cfg, e, it, 10) for e in (0, 119, 120, 159, 160, 199) for it in (0, 9)}
+    lrs = {(e, it): learning_rate(cfg.optim, e, it, 10) for e in (0, 119, 120, 159, 160, 199) for it in (0, 9)}
     assert lrs[(0, 0)] == lrs[(119, 9)] == pytest.approx(0.03)
     assert lrs[(120, 0)] == lrs[(159, 9)] == pytest.approx(0.003)
     assert lrs[(160, 0)] == lrs[(199, 9)] == pytest.approx(0.0003)

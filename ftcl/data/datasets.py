@@ -1,7 +1,8 @@
 """Datasets behind ``data.dataset``: a registry of builders that all return an :class:`ImageSet`.
 
-``build_dataset(data_cfg, split, mode)`` is the only entry point the rest of ftcl uses (see the
-"Data contract" in ``docs/ARCHITECTURE.md``). Items are ``(uint8 image, int label)``:
+``build_dataset(data, split, mode)`` (``data``: the run config's typed ``data`` section) is the only
+entry point the rest of ftcl uses (see the "Data contract" in ``docs/ARCHITECTURE.md``). Items are
+``(uint8 image, int label)``:
 
 * in-memory datasets (``fashion-mnist``, ``digits``, ``cifar10``, ``cifar100``) hold every image as
   one ``N x C x S x S`` uint8 tensor (resized once at load time when ``image_size`` differs from the
@@ -40,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
+from ftcl.config.types import Data
 from ftcl.data.jpeg import DECODE_ERRORS, DEFAULT_DECODE, FastCrops, cannot_decode, check_decode
 from ftcl.registry import Registry
 
@@ -54,9 +56,9 @@ DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
-Builder = Callable[[Mapping[str, Any], str, str, tuple[float, float]], "ImageSet"]
+Builder = Callable[[Data, str, str, tuple[float, float]], "ImageSet"]
 Reader = Callable[["Path | None", str], tuple[np.ndarray, np.ndarray]]  # (root, split) -> arrays
-# name -> builder(data_cfg, split, mode, crop_scale); use build_dataset rather than calling these
+# name -> builder(data, split, mode, crop_scale); use build_dataset rather than calling these
 DATASETS: Registry[ImageSet] = Registry("dataset")
 
 
@@ -167,18 +169,18 @@ class FolderImageSet(ImageSet):
 
 
 def build_dataset(
-    data_cfg: Mapping[str, Any],
+    data: Data,
     split: str,
     mode: str,
     crop_scale: Sequence[float] = (0.2, 1.0),
 ) -> ImageSet:
-    """The ``split`` ("train" | "test") of ``data_cfg["dataset"]`` prepared for ``mode``.
+    """The ``split`` ("train" | "test") of ``data.dataset`` prepared for ``mode``.
 
     ``mode`` is "pretrain", "eval" or "eval_aug"; it only changes what ``imagefolder`` items
     look like (in-memory datasets are cropped on the device). ``crop_scale`` is the area range
     of the RandomResizedCrops ``imagefolder`` makes in the loader: the two pretraining crops
     (``augment.crop_scale``) or the linear probe's crop in ``eval_aug`` (``eval.linear.crop_scale``).
-    ``data_cfg[f"{split}_subset"] = N`` keeps a class-balanced, deterministic subset of N items.
+    ``data.<split>_subset = N`` keeps a class-balanced, deterministic subset of N items.
     An unknown dataset name raises ``KeyError`` listing the known ones.
     """
     if split not in SPLITS:
@@ -186,7 +188,7 @@ def build_dataset(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     low, high = crop_scale
-    return DATASETS.get(data_cfg["dataset"])(data_cfg, split, mode, (float(low), float(high)))
+    return DATASETS.get(data.dataset)(data, split, mode, (float(low), float(high)))
 
 
 def balanced_subset(labels: np.ndarray, n: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
@@ -248,23 +250,22 @@ def load_rgb(path: Path) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 
 
-def _root(data_cfg: Mapping[str, Any]) -> Path | None:
-    root = data_cfg.get("root")
-    return None if root is None else Path(root).expanduser()
+def _root(data: Data) -> Path | None:
+    return None if data.root is None else Path(data.root).expanduser()
 
 
 def _in_memory(reader: Reader, num_classes: int, name: str) -> Builder:
     """A builder for a dataset ``reader(root, split) -> (uint8 N x C x H x W, int64 labels)``."""
 
     def build(
-        data_cfg: Mapping[str, Any], split: str, mode: str, crop_scale: tuple[float, float]
+        data: Data, split: str, mode: str, crop_scale: tuple[float, float]
     ) -> ImageSet:
-        root = _root(data_cfg)
+        root = _root(data)
         images, labels = reader(root, split)
-        size = data_cfg.get("image_size") or images.shape[-1]
+        size = data.image_size or images.shape[-1]
         resized = resize_uint8(torch.from_numpy(images), size)
         stats = channel_stats(resized) if split == "train" else _train_stats(name, root, size)
-        keep = torch.from_numpy(balanced_subset(labels, data_cfg.get(f"{split}_subset")))
+        keep = torch.from_numpy(balanced_subset(labels, getattr(data, f"{split}_subset")))
         return TensorImageSet(resized[keep], torch.from_numpy(labels)[keep], num_classes, stats)
 
     return build
@@ -479,14 +480,14 @@ def _class_files(folder: Path) -> list[Path]:
 
 @DATASETS.register("imagefolder")
 def _imagefolder(
-    data_cfg: Mapping[str, Any], split: str, mode: str, crop_scale: tuple[float, float]
+    data: Data, split: str, mode: str, crop_scale: tuple[float, float]
 ) -> ImageSet:
     """ImageNet-style folders; labels are 0..n-1 over the sorted class names (from
     ``data.class_list`` when set, else every sub-folder of ``train/``); normalised with ImageNet's
     mean/std."""
-    root = _root(data_cfg)
+    root = _root(data)
     folder = _split_folder(root, split)
-    class_list = data_cfg.get("class_list")
+    class_list = data.class_list
     if class_list:
         classes = read_class_list(class_list)
     else:
@@ -496,9 +497,9 @@ def _imagefolder(
     per_class = [_class_files(folder / name) for name in classes]
     paths = [p for files in per_class for p in files]
     labels = np.concatenate([np.full(len(files), i, dtype=np.int64) for i, files in enumerate(per_class)])
-    keep = balanced_subset(labels, data_cfg.get(f"{split}_subset"))
-    size = data_cfg.get("image_size") or 224
-    decode = check_decode(data_cfg.get("decode") or DEFAULT_DECODE)
+    keep = balanced_subset(labels, getattr(data, f"{split}_subset"))
+    size = data.image_size or 224
+    decode = check_decode(data.decode or DEFAULT_DECODE)
     return FolderImageSet(
         [paths[i] for i in keep],
         torch.from_numpy(labels[keep]),

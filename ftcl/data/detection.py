@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ftcl.config import ConfigError
+from ftcl.config.types import DetectionScenes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm")
 SCENES_YEAR = "2007"
@@ -245,17 +246,11 @@ class SceneSpec:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> SceneSpec:
-        """From ``detection.scenes`` (keys as the fields; ``folder`` is not part of the spec)."""
-        return cls(
-            canvas=int(cfg["canvas"]),
-            items=(int(cfg["items"][0]), int(cfg["items"][1])),
-            item_size=(int(cfg["item_size"][0]), int(cfg["item_size"][1])),
-            noise=float(cfg["noise"]),
-            num_train=int(cfg["num_train"]),
-            num_test=int(cfg["num_test"]),
-            seed=int(cfg["seed"]),
-        )
+    def from_section(cls, scenes: DetectionScenes) -> SceneSpec:
+        """From the run config's ``detection.scenes`` (``folder`` is not part of the spec)."""
+        return cls(canvas=scenes.canvas, items=(scenes.items[0], scenes.items[1]),
+                   item_size=(scenes.item_size[0], scenes.item_size[1]), noise=scenes.noise,
+                   num_train=scenes.num_train, num_test=scenes.num_test, seed=scenes.seed)
 
 
 def tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -33,7 +33,6 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +47,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ftcl import checkpoint as ckpt
 from ftcl import config
 from ftcl.config import ConfigError
+from ftcl.config.types import Detection, from_dict
 from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ftcl.detection.norm import attach_virtual_sync
 
@@ -158,7 +158,8 @@ def initial_backbone(init: str, checkpoint: str | Path | None, model_cfg: Mappin
 
     ``pretrained``: the checkpoint's backbone through ``ftcl.checkpoint.load_backbone`` (a key or
     shape that does not fit raises ``CheckpointError``, naming the file); ``random``: a fresh
-    ``model_cfg`` network with ``in_channels``; ``supervised``: torchvision's ResNet-50 loaded from
+    ``model_cfg`` network (the ``model`` section as a mapping, e.g. a checkpoint's) with
+    ``in_channels``; ``supervised``: torchvision's ResNet-50 loaded from
     the local file ``supervised_weights`` (an ImageNet state dict; its ``fc.*`` keys are dropped).
     """
     from ftcl.models.backbones import build_backbone
@@ -170,14 +171,14 @@ def initial_backbone(init: str, checkpoint: str | Path | None, model_cfg: Mappin
     if init == "random":
         if model_cfg is None:
             raise ConfigError("detection.init=random needs the model config (model.*)")
-        return build_backbone(model_cfg, in_channels)
+        return build_backbone(model_cfg["backbone"], model_cfg["width"], model_cfg["small_stem"], in_channels)
     if supervised_weights is None:
         raise ConfigError("detection.init=supervised needs detection.supervised_weights: a local torchvision "
                           "ResNet-50 ImageNet state dict file (nothing is downloaded)")
     path = Path(supervised_weights)
     if not path.is_file():
         raise FileNotFoundError(f"supervised weights {path} not found (detection.supervised_weights)")
-    backbone = build_backbone({"backbone": "resnet50", "width": 64, "small_stem": False}, 3)
+    backbone = build_backbone("resnet50", 64, False, 3)
     state = torch.load(path, map_location="cpu", weights_only=True)
     ckpt.load_backbone_state(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, path)
     return backbone
@@ -209,7 +210,7 @@ def stage_channels(backbone: nn.Module) -> list[int]:
 def build_detector(init: str, checkpoint: str | Path | None, head: str, num_classes: int, norm: str, *,
                    model_cfg: Mapping | None = None, in_channels: int = 3,
                    supervised_weights: str | Path | None = None,
-                   settings: Mapping[str, Any] | None = None,
+                   settings: Detection | None = None,
                    image_mean: Sequence[float] = IMAGENET_MEAN,
                    image_std: Sequence[float] = IMAGENET_STD) -> FasterRCNN:
     """A torchvision Faster R-CNN for ``num_classes`` object classes (plus background).
@@ -225,18 +226,18 @@ def build_detector(init: str, checkpoint: str | Path | None, head: str, num_clas
     """
     backbone = initial_backbone(init, checkpoint, model_cfg, in_channels, supervised_weights)
     channels = stage_channels(backbone)
-    s = settings if settings is not None else config.defaults()["detection"]
-    parts = resnet_parts(backbone, int(s["freeze_at"]))
+    s = settings if settings is not None else from_dict(Detection, config.defaults()["detection"])
+    parts = resnet_parts(backbone, s.freeze_at)
     common = dict(
-        min_size=tuple(s["min_size"]), max_size=s["max_size"],
+        min_size=tuple(s.min_size), max_size=s.max_size,
         image_mean=list(image_mean), image_std=list(image_std),
-        rpn_pre_nms_top_n_train=s["rpn_pre_nms_top_n"][0], rpn_pre_nms_top_n_test=s["rpn_pre_nms_top_n"][1],
-        rpn_post_nms_top_n_train=s["rpn_post_nms_top_n"][0],
-        rpn_post_nms_top_n_test=s["rpn_post_nms_top_n"][1],
-        rpn_batch_size_per_image=s["rpn_batch_size"], box_batch_size_per_image=s["roi_batch_size"],
-        box_score_thresh=s["score_threshold"], box_detections_per_img=s["detections_per_image"],
+        rpn_pre_nms_top_n_train=s.rpn_pre_nms_top_n[0], rpn_pre_nms_top_n_test=s.rpn_pre_nms_top_n[1],
+        rpn_post_nms_top_n_train=s.rpn_post_nms_top_n[0],
+        rpn_post_nms_top_n_test=s.rpn_post_nms_top_n[1],
+        rpn_batch_size_per_image=s.rpn_batch_size, box_batch_size_per_image=s.roi_batch_size,
+        box_score_thresh=s.score_threshold, box_detections_per_img=s.detections_per_image,
     )
-    sizes, ratios = [int(a) for a in s["anchor_sizes"]], tuple(float(r) for r in s["aspect_ratios"])
+    sizes, ratios = [int(a) for a in s.anchor_sizes], tuple(float(r) for r in s.aspect_ratios)
     if head == "c4":
         layer4 = parts.pop("layer4")
         body = nn.Sequential(parts)
@@ -247,10 +248,10 @@ def build_detector(init: str, checkpoint: str | Path | None, head: str, num_clas
             body, None, rpn_anchor_generator=AnchorGenerator((tuple(sizes),), (ratios,)),
             box_head=box_head, box_predictor=FastRCNNPredictor(channels[3], num_classes + 1), **common)
         # FasterRCNN only takes a MultiScaleRoIAlign; RoIHeads takes any pooler with its call signature
-        model.roi_heads.box_roi_pool = AlignedRoIAlign("0", int(s["roi_pool_size"]), sampling_ratio=0)
+        model.roi_heads.box_roi_pool = AlignedRoIAlign("0", s.roi_pool_size, sampling_ratio=0)
     elif head == "fpn":
         fpn = BackboneWithFPN(nn.Sequential(parts), {f"layer{i + 1}": str(i) for i in range(4)}, channels,
-                              int(s["fpn_channels"]), extra_blocks=LastLevelMaxPool())
+                              s.fpn_channels, extra_blocks=LastLevelMaxPool())
         anchors = AnchorGenerator(tuple((a,) for a in sizes), (ratios,) * len(sizes))
         model = FasterRCNN(fpn, num_classes + 1, rpn_anchor_generator=anchors, **common)
     else:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision.models.detection import FasterRCNN
 
 from ftcl import checkpoint as ckpt
+from ftcl.config.types import Detection
 from ftcl.data import detection as ddata
 from ftcl.detection.norm import IMAGES_PER_GPU, group_sizes
 
@@ -34,9 +35,9 @@ DETECTION_FORMAT = "ftcl-detection-resume-3"
 PRECISE_BN_SEED_OFFSET = 2  # Precise BN draws its batches from seed + 2 (the order) and seed + 3 (flips)
 
 
-def base_lr(det: Mapping[str, Any]) -> float:
+def base_lr(det: Detection) -> float:
     """The peak learning rate: ``lr_per_16 * batch_size / 16`` (linear scaling with the global batch)."""
-    return float(det["lr_per_16"]) * int(det["batch_size"]) / 16
+    return det.lr_per_16 * det.batch_size / 16
 
 
 def lr_at(iteration: int, base_lr: float, warmup_iterations: int, warmup_factor: float,
@@ -121,10 +122,10 @@ def _inputs(images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], f
             [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in pairs])
 
 
-def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapping[str, Any],
+def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Detection,
                    device: torch.device, seed: int, log: Callable[[str], None] = print,
                    ckpt_dir: str | Path | None = None, fingerprint: str = "") -> None:
-    """Fine-tune ``model`` for ``det["iterations"]`` SGD steps of ``det["batch_size"]`` images.
+    """Fine-tune ``model`` for ``det.iterations`` SGD steps of ``det.batch_size`` images.
 
     lr = :func:`base_lr` following :func:`lr_at`; momentum, weight decay
     (:func:`parameter_groups`), random horizontal flips, batches of same-orientation pairs drawn
@@ -140,36 +141,36 @@ def train_detector(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapp
     another version of this format is not resumed from: training starts afresh and says so. The
     file is removed once training ends.
     """
-    iterations, batch_size = int(det["iterations"]), int(det["batch_size"])
+    iterations, batch_size = det.iterations, det.batch_size
     if iterations == 0:
         return
     model.to(device).train()
     lr0 = base_lr(det)
-    optimizer = torch.optim.SGD(parameter_groups(model, float(det["weight_decay"])), lr=lr0,
-                                momentum=float(det["momentum"]))
+    optimizer = torch.optim.SGD(parameter_groups(model, det.weight_decay), lr=lr0,
+                                momentum=det.momentum)
     order, flips = _draws(dataset, iterations, batch_size, seed)
     done, rng = _resume_detector(model, optimizer, ckpt_dir, fingerprint, device, log)
-    every = int(det.get("checkpoint_every") or 0)
+    every = det.checkpoint_every
     batches = iter(DataLoader(dataset, batch_size, sampler=order[done * batch_size:], collate_fn=_collate,
-                              num_workers=int(det["num_workers"])))
+                              num_workers=det.num_workers))
     if rng is not None:  # after the loader's own draw from the global RNG, as in the uninterrupted run
         torch.set_rng_state(rng)
     start = time.perf_counter()
     for it, (images, targets) in enumerate(batches, start=done + 1):
-        lr = lr_at(it - 1, lr0, det["warmup_iterations"], det["warmup_factor"], det["milestones"], det["gamma"])
+        lr = lr_at(it - 1, lr0, det.warmup_iterations, det.warmup_factor, det.milestones, det.gamma)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = model(*_inputs(images, targets, flips[(it - 1) * batch_size:it * batch_size], det["hflip"],
+        losses = model(*_inputs(images, targets, flips[(it - 1) * batch_size:it * batch_size], det.hflip,
                                 device))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"detection loss is {loss.item()} at iteration {it} ({_fmt(losses)})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if det["clip_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(det["clip_grad_norm"]))
+        if det.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), det.clip_grad_norm)
         optimizer.step()
-        if it == done + 1 or it % int(det["log_every"]) == 0 or it == iterations:
+        if it == done + 1 or it % det.log_every == 0 or it == iterations:
             rate = (time.perf_counter() - start) / (it - done)
             log(f"[detect] iter {it}/{iterations} loss {loss.item():.3f} ({_fmt(losses)}) lr {lr:.2e} "
                 f"{rate:.2f} s/it")
@@ -258,22 +259,22 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Sequence[Any]], num_batc
     return used
 
 
-def precise_bn(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Mapping[str, Any],
+def precise_bn(model: FasterRCNN, dataset: ddata.DetectionDataset, det: Detection,
                device: torch.device, seed: int, log: Callable[[str], None] = print) -> int:
     """Detectron2's ``TEST.PRECISE_BN`` after fine-tuning: :func:`update_bn_stats` over
-    ``det["precise_bn_iterations"]`` training batches of ``batch_size`` images (same-orientation
+    ``det.precise_bn_iterations`` training batches of ``batch_size`` images (same-orientation
     pairs in random order, :func:`_draws`, and flips, from ``seed + 2``; the training data's own
     multi-scale resize), the detector in training mode with its targets (so each BatchNorm computes
     its training statistics, per pair canvas for ``sync``, and the box head's sees training RoIs, as
     in Detectron2). Does nothing (returns 0) when the setting is 0, no iteration was trained, or the
     detector has no trainable BatchNorm (norm ``frozen``); else returns the batches used."""
-    count, batch_size = int(det.get("precise_bn_iterations") or 0), int(det["batch_size"])
-    if count == 0 or int(det["iterations"]) == 0 or not batchnorm_layers(model):
+    count, batch_size = det.precise_bn_iterations, det.batch_size
+    if count == 0 or det.iterations == 0 or not batchnorm_layers(model):
         return 0
     model.to(device)
     order, flips = _draws(dataset, count, batch_size, seed + PRECISE_BN_SEED_OFFSET)
-    loader = DataLoader(dataset, batch_size, sampler=order, collate_fn=_collate, num_workers=int(det["num_workers"]))
-    batches = (_inputs(images, targets, flips[k * batch_size:(k + 1) * batch_size], det["hflip"], device)
+    loader = DataLoader(dataset, batch_size, sampler=order, collate_fn=_collate, num_workers=det.num_workers)
+    batches = (_inputs(images, targets, flips[k * batch_size:(k + 1) * batch_size], det.hflip, device)
                for k, (images, targets) in enumerate(loader))
     start = time.perf_counter()
     used = update_bn_stats(model, batches, count)

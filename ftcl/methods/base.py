@@ -8,14 +8,17 @@ about launchers, trackers or Snakemake.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ftcl.config import RunConfig
 from ftcl.registry import Registry
+from ftcl.transforms.hsg import HardSampleGenerator, input_channels, resolution
 
+#: method name -> ``build(cfg, backbone, bn_splits, num_classes) -> Method`` (each method module registers
+#: its builder; :func:`ftcl.methods.build_method` looks them up)
 METHODS: Registry[nn.Module] = Registry("method")
 
 
@@ -37,10 +40,13 @@ class StepOutput:
 class Method(nn.Module):
     """Base class. Subclasses set ``self.backbone`` (the online backbone that is evaluated).
     ``needs_labels``: the loop passes the batch's class labels to ``training_step`` (the supervised
-    reference row); self-supervised methods get ``labels=None``."""
+    reference row); self-supervised methods get ``labels=None``. ``shuffles_keys``: the method computes
+    keys with Shuffle-BN (``method.shuffle_bn``; :data:`ftcl.config.rules.KEY_SHUFFLING_METHODS` lists
+    them for the config's rules)."""
 
     backbone: nn.Module
     needs_labels = False
+    shuffles_keys = False
 
     def training_step(self, view1: Tensor, view2: Tensor, epoch: int, labels: Tensor | None = None) -> StepOutput:
         raise NotImplementedError
@@ -79,40 +85,17 @@ def ema_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> Non
         torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
 
 
-#: sub-batches of a split BatchNorm when MoCo runs in one process (MoCo's single-GPU CIFAR-10 recipe)
-SINGLE_PROCESS_BN_SPLITS = 8
+def off_diagonal(m: Tensor) -> Tensor:
+    """The N x (N - 1) off-diagonal entries of a square N x N matrix, row by row (no host sync): the
+    "negative" scores recorded for methods whose loss has none (BYOL, SimSiam, supervised)."""
+    n = m.shape[0]
+    return m.flatten()[1:].view(n - 1, n + 1)[:, :-1].reshape(n, n - 1)
 
 
-def resolve_bn_splits(method_cfg: Mapping, world: int = 1) -> int:
-    """Sub-batches each process's BatchNorm layers normalise a training batch in (``method.bn_splits``).
-
-    ``null`` (auto): MoCo with ``shuffle_bn`` in one process gets :data:`SINGLE_PROCESS_BN_SPLITS`, so
-    that a query and its key never share BatchNorm statistics; under DDP the key batch is shuffled
-    across processes instead (MoCo Sec. 3.3), so 1. BYOL and SimSiam have no negatives to cheat with
-    and their papers use plain (synchronised) BatchNorm: 1 unless set.
-    """
-    value = method_cfg.get("bn_splits")
-    if value is not None:
-        return int(value)
-    if method_cfg["name"] == "moco" and method_cfg.get("shuffle_bn", False) and world == 1:
-        return SINGLE_PROCESS_BN_SPLITS
-    return 1
-
-
-def build_method(cfg: Mapping, backbone: nn.Module, bn_splits: int | None = None,
-                 num_classes: int | None = None) -> Method:
-    """The method named by ``cfg['method']['name']``, built around ``backbone``.
-
-    ``bn_splits``: see :func:`resolve_bn_splits` (None: resolved for one process); ``num_classes``:
-    the training set's classes, for methods that need labels.
-    """
-    import ftcl.methods.byol  # noqa: F401  (each registers itself)
-    import ftcl.methods.moco  # noqa: F401
-    import ftcl.methods.simsiam  # noqa: F401
-    import ftcl.methods.supervised  # noqa: F401
-
-    splits = resolve_bn_splits(cfg["method"]) if bn_splits is None else bn_splits
-    cls = METHODS.get(cfg["method"]["name"])
-    if getattr(cls, "needs_labels", False):
-        return cls(cfg, backbone, bn_splits=splits, num_classes=num_classes)
-    return cls(cfg, backbone, bn_splits=splits)
+def hard_sample_generator(cfg: RunConfig, backbone: nn.Module, bn_splits: int) -> HardSampleGenerator | None:
+    """The run's HSG generators (``None`` unless ``hsg.enabled``), for a method's builder: sized to the
+    view resolution and the backbone's input channels, their pair count a multiple of ``bn_splits``."""
+    if not cfg.hsg.enabled:
+        return None
+    return HardSampleGenerator.from_section(cfg.hsg, input_channels(backbone), resolution(cfg.data.dataset,
+                                            cfg.data.image_size), cfg.optim.epochs, batch_multiple=bn_splits)

@@ -6,27 +6,29 @@ copy of the online one updated only by EMA, ``xi <- tau xi + (1 - tau) theta`` (
 symmetrised as in Sec. 3.1): ``sum over both directions of mean_b (2 - 2 cos(p_b, t_b))``, i.e. the
 squared distance of the L2-normalised prediction and target; 0 when aligned, at most 8.
 Shared machinery, score recording, FA and HSG (generated pairs update the BatchNorm running
-statistics of neither the online nor the target network): ``ftcl/methods/simsiam.py``.
+statistics of neither the online nor the target network): ``ftcl/methods/instance_similarity.py``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ftcl.config import RunConfig
+from ftcl.losses import byol_distance
 from ftcl.methods.base import METHODS
-from ftcl.methods.simsiam import InstanceSimilarity
+from ftcl.methods.instance_similarity import InstanceSimilarity, parts
 
 
-@METHODS.register("byol")
 class BYOL(InstanceSimilarity):
     """BYOL; the predictor's hidden width defaults to the projector's (4096 in the paper)."""
 
-    def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1):
-        super().__init__(cfg, backbone, bn_splits)
+    def __init__(self, **kwargs):
+        """The arguments of :class:`~ftcl.methods.instance_similarity.InstanceSimilarity`; the target
+        network starts as a copy of the online encoder."""
+        super().__init__(**kwargs)
         self.target = copy.deepcopy(self.encoder)
         for p in self.target.parameters():
             p.requires_grad_(False)
@@ -35,10 +37,15 @@ class BYOL(InstanceSimilarity):
         return [(self.encoder, self.target)]
 
     def distance(self, cos: Tensor) -> Tensor:
-        return (2 - 2 * cos).mean()
+        return byol_distance(cos)
 
     def targets(self, v1, v2, z1, z2, input_grad):
         if input_grad:  # the target's weights do not require grad: only the inputs get a gradient
             return self.target(v1), self.target(v2)
         with torch.no_grad():
             return self.target(v1), self.target(v2)
+
+
+@METHODS.register("byol")
+def build(cfg: RunConfig, backbone: nn.Module, bn_splits: int, num_classes: int | None = None) -> BYOL:
+    return BYOL(**parts(cfg, backbone, bn_splits, bottleneck=False))

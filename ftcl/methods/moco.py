@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
@@ -16,27 +15,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftcl.methods.base import METHODS, Method, StepOutput, fp32
+from ftcl.config import RunConfig
+from ftcl.losses import info_nce, multi_positive_info_nce, weighted_mean
+from ftcl.methods.base import METHODS, Method, StepOutput, fp32, hard_sample_generator
 from ftcl.models.heads import Encoder, ProjectionHead
 from ftcl.models.split_bn import convert_split_batchnorm, frozen_bn_statistics, split_shuffle
 from ftcl.runtime import distributed
-from ftcl.transforms.fa import FeatureAugmentation, multi_positive_info_nce, weighted_mean
+from ftcl.transforms.fa import FeatureAugmentation
 from ftcl.transforms.ft import FeatureTransform
-from ftcl.transforms.hsg import HardSampleGenerator, input_channels
-
-
-def info_nce(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
-    """InfoNCE with the positive at index 0 (MoCo Eq. 1).
-
-    ``pos``: (B,) positive scores, ``neg``: (B, K) negative scores, both cosine similarities.
-    Returns ``mean_b -log( exp(pos_b / t) / (exp(pos_b / t) + sum_k exp(neg_bk / t)) )``.
-    """
-    if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0]:
-        raise ValueError(f"expected pos (B,) and neg (B, K), got {tuple(pos.shape)} and {tuple(neg.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = torch.cat([pos[:, None], neg], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device))
+from ftcl.transforms.hsg import HardSampleGenerator
 
 
 def gather_all(x: Tensor, grad: bool = False) -> Tensor:
@@ -61,7 +48,6 @@ def gather_all(x: Tensor, grad: bool = False) -> Tensor:
         return torch.cat(parts)
 
 
-@METHODS.register("moco")
 class MoCo(Method):
     """Query encoder, momentum key encoder and a queue of ``K`` unit keys (a K x D buffer).
 
@@ -83,21 +69,25 @@ class MoCo(Method):
     images update no BatchNorm running statistic of either encoder.
     """
 
-    def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1):
+    shuffles_keys = True
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, temperature: float, queue_size: int,
+                 shuffle_bn: bool, bn_splits: int, transform: FeatureTransform, fa: FeatureAugmentation,
+                 hsg: HardSampleGenerator | None):
+        """``head``: the projection head (unit outputs); ``temperature``, ``queue_size`` (K),
+        ``shuffle_bn``: ``method.*``; ``bn_splits``: the BatchNorm sub-batches of each process
+        (:func:`ftcl.config.rules.bn_splits`); ``transform``, ``fa``, ``hsg``: FT, FA and HSG (built by
+        :func:`build`)."""
         super().__init__()
-        m, model = cfg["method"], cfg["model"]
-        head = ProjectionHead(model["head"], backbone.out_dim, model["feature_dim"], model["hidden_dim"])
         self.bn_splits = int(bn_splits)
         self.encoder_q = convert_split_batchnorm(Encoder(backbone, head), self.bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
-        self.temperature = float(m["temperature"])
-        self.shuffle_bn = bool(m["shuffle_bn"])
-        self.transform = FeatureTransform.from_config(cfg["ft"])
-        self.fa = FeatureAugmentation.from_config(cfg.get("fa", {}), model["feature_dim"], has_queue=True)
-        self.hsg = HardSampleGenerator.from_config(cfg, input_channels(backbone), batch_multiple=self.bn_splits)
-        queue = F.normalize(torch.randn(int(m["queue_size"]), model["feature_dim"]), dim=1)
+        self.temperature = float(temperature)
+        self.shuffle_bn = bool(shuffle_bn)
+        self.transform, self.fa, self.hsg = transform, fa, hsg
+        queue = F.normalize(torch.randn(int(queue_size), int(head.out_dim)), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: Tensor | None = None
@@ -185,3 +175,15 @@ class MoCo(Method):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
         self._pending_keys = None
+
+
+@METHODS.register("moco")
+def build(cfg: RunConfig, backbone: nn.Module, bn_splits: int, num_classes: int | None = None) -> MoCo:
+    """MoCo with the projection head of ``model.*``, the ``method.*`` settings and the run's FT, FA and
+    HSG (the parameters are created in this order, so a seed gives the same network as before)."""
+    m, model = cfg.method, cfg.model
+    head = ProjectionHead(model.head, backbone.out_dim, model.feature_dim, model.hidden_dim)
+    return MoCo(backbone, head, temperature=m.temperature, queue_size=m.queue_size, shuffle_bn=m.shuffle_bn,
+                bn_splits=bn_splits, transform=FeatureTransform(cfg.ft.positive, cfg.ft.negative, cfg.ft.start_epoch),
+                fa=FeatureAugmentation(cfg.fa, model.feature_dim),
+                hsg=hard_sample_generator(cfg, backbone, bn_splits))

@@ -11,32 +11,23 @@ f2 (not in the loss; temperature 1).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ftcl.config import RunConfig
 from ftcl.errors import ConfigError
-from ftcl.methods.base import METHODS, Method, StepOutput, fp32
-from ftcl.methods.simsiam import off_diagonal
+from ftcl.methods.base import METHODS, Method, StepOutput, fp32, off_diagonal
 from ftcl.models.split_bn import convert_split_batchnorm
 
 
-@METHODS.register("supervised")
 class Supervised(Method):
     """Cross-entropy on the labels of both views (module docstring)."""
 
     needs_labels = True
 
-    def __init__(self, cfg: Mapping, backbone: nn.Module, bn_splits: int = 1, num_classes: int | None = None):
+    def __init__(self, backbone: nn.Module, num_classes: int, bn_splits: int = 1):
         super().__init__()
-        if num_classes is None or num_classes < 2:
-            raise ConfigError(f"method.name 'supervised' needs a labelled training set, got {num_classes} classes")
-        for section in ("fa", "hsg"):
-            if (cfg.get(section) or {}).get("enabled"):
-                raise ConfigError(f"key '{section}.enabled' is true, but method.name 'supervised' (the reference row) "
-                                  "trains with labels only; turn it off for this row")
         self.backbone = convert_split_batchnorm(backbone, int(bn_splits))
         self.classifier = nn.Linear(backbone.out_dim, int(num_classes))
 
@@ -50,3 +41,11 @@ class Supervised(Method):
             pos = (n1 * n2).sum(dim=1)
             neg = off_diagonal(n1 @ n2.T)
         return StepOutput(loss, pos, neg, 1.0)
+
+
+@METHODS.register("supervised")
+def build(cfg: RunConfig, backbone: nn.Module, bn_splits: int, num_classes: int | None = None) -> Supervised:
+    """The reference row's method; ``num_classes``: the training set's (it needs labels)."""
+    if num_classes is None or num_classes < 2:
+        raise ConfigError(f"method.name 'supervised' needs a labelled training set, got {num_classes} classes")
+    return Supervised(backbone, num_classes, bn_splits)

@@ -6,8 +6,6 @@ pretrained state dict maps one-to-one onto torchvision models (e.g. a Faster R-C
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -66,7 +64,6 @@ def resnet50(width: int = 64, small_stem: bool = False, in_channels: int = 3) ->
     return ScalableResNet(Bottleneck, [3, 4, 6, 3], width, small_stem, in_channels)
 
 
-def build_backbone(model_cfg: Mapping, in_channels: int) -> ScalableResNet:
-    """Backbone named by ``model.backbone`` with ``model.width`` and ``model.small_stem``."""
-    factory = BACKBONES.get(model_cfg["backbone"])
-    return factory(width=int(model_cfg["width"]), small_stem=bool(model_cfg["small_stem"]), in_channels=in_channels)
+def build_backbone(name: str, width: int, small_stem: bool, in_channels: int) -> ScalableResNet:
+    """The backbone ``name`` (``model.backbone``) with ``model.width`` and ``model.small_stem``."""
+    return BACKBONES.get(name)(width=int(width), small_stem=bool(small_stem), in_channels=int(in_channels))

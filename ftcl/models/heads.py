@@ -30,6 +30,7 @@ class ProjectionHead(nn.Module):
         else:
             raise ValueError(f"projection head {kind!r} is not one of {HEADS}")
         self.normalize = normalize
+        self.out_dim = out_dim
         self.hidden_dim = hidden if kind != "linear" else None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -59,19 +59,13 @@ All randomness is drawn on the features' device; nothing synchronises with the h
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-OPERATORS = ("gaussian", "interpolate", "mlp")
-PLACEMENTS = ("basic", "serial", "parallel")
-SOURCES = ("batch", "queue")
-PARTNERS = ("random", "nearest")
-POSITIVE_SOURCES = ("key", "query")
-
+from ftcl.config.types import FA
+from ftcl.losses import cosine
 
 # ---------------------------------------------------------------- pure functions
 
@@ -116,30 +110,6 @@ def nearest_index(x: Tensor, bank: Tensor, exclude_self: bool, chunk: int = 4096
     return torch.cat(out)
 
 
-def multi_positive_info_nce(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
-    """Mean over samples b and positives j of InfoNCE with positive ``pos[b, j]`` against all of
-    ``neg[b]``: ``-log( exp(pos_bj / t) / (exp(pos_bj / t) + sum_k exp(neg_bk / t)) )``.
-
-    With one positive column this is MoCo's InfoNCE; each positive has its own softmax (the extra
-    positives do not compete with one another).
-    """
-    if pos.dim() != 2 or neg.dim() != 2 or neg.shape[0] != pos.shape[0]:
-        raise ValueError(f"expected pos (B, P) and neg (B, K), got {tuple(pos.shape)} and {tuple(neg.shape)}")
-    lse_neg = torch.logsumexp(neg / temperature, dim=1, keepdim=True)
-    p = pos / temperature
-    return (torch.logaddexp(p, lse_neg) - p).mean()
-
-
-def weighted_mean(loss: Tensor, extra: Tensor, weight: float) -> Tensor:
-    """``(loss + weight * extra) / (1 + weight)``: a method's loss with extra terms, same scale."""
-    return (loss + weight * extra) / (1 + weight)
-
-
-def cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise cosine similarity (N,) of N x D tensors."""
-    return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(dim=1)
-
-
 # ---------------------------------------------------------------- the learned operator
 
 
@@ -162,45 +132,7 @@ class PerturbationMLP(nn.Module):
         return x + self.scale * x.norm(dim=1, keepdim=True) * F.normalize(delta, dim=1)
 
 
-# ---------------------------------------------------------------- config and module
-
-
-@dataclass(frozen=True)
-class FAConfig:
-    """``fa.*`` of the run config, flattened; see the module docstring and the schema."""
-
-    enabled: bool = False
-    operator: str = "gaussian"
-    copies: int = 1
-    stop_gradient: bool = True
-    renormalize: bool = True
-    weight: float = 1.0
-    placement: str = "parallel"
-    sigma: float = 0.2
-    source: str = "batch"
-    partner: str = "random"
-    lambda_min: float = 0.7
-    mlp_hidden_dim: int | None = None
-    mlp_noise_dim: int = 16
-    mlp_scale: float = 0.2
-    mlp_adversarial: bool = False
-    moco_positives: bool = True
-    moco_negatives: bool = True
-    moco_positive_source: str = "key"
-
-    @classmethod
-    def from_dict(cls, fa: Mapping) -> FAConfig:
-        flat = {k: fa[k] for k in ("enabled", "operator", "copies", "stop_gradient", "renormalize", "weight",
-                                   "placement") if k in fa}
-        flat.update(fa.get("gaussian", {}))
-        flat.update(fa.get("interpolate", {}))
-        flat.update({f"mlp_{k}": v for k, v in fa.get("mlp", {}).items()})
-        flat.update({f"moco_{k}": v for k, v in fa.get("moco", {}).items()})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ValueError(f"unknown fa keys {unknown}")
-        return cls(**flat)
+# ---------------------------------------------------------------- the module
 
 
 class FeatureAugmentation(nn.Module):
@@ -210,28 +142,15 @@ class FeatureAugmentation(nn.Module):
     Holds parameters only for the ``mlp`` operator, so a disabled FA changes no state dict.
     """
 
-    def __init__(self, cfg: FAConfig, dim: int, has_queue: bool = False):
+    def __init__(self, cfg: FA, dim: int):
+        """``cfg``: the run config's ``fa`` section (checked when the config was resolved); ``dim``:
+        the projected feature size."""
         super().__init__()
-        for value, allowed, key in ((cfg.operator, OPERATORS, "fa.operator"),
-                                    (cfg.placement, PLACEMENTS, "fa.placement"),
-                                    (cfg.source, SOURCES, "fa.interpolate.source"),
-                                    (cfg.partner, PARTNERS, "fa.interpolate.partner"),
-                                    (cfg.moco_positive_source, POSITIVE_SOURCES, "fa.moco.positive_source")):
-            if value not in allowed:
-                raise ValueError(f"{key} {value!r} is not one of {allowed}")
-        if cfg.copies < 1:
-            raise ValueError(f"fa.copies must be >= 1, got {cfg.copies}")
-        if cfg.enabled and cfg.operator == "interpolate" and cfg.source == "queue" and not has_queue:
-            raise ValueError("fa.interpolate.source: queue needs a method with a queue (moco); use batch")
         self.cfg = cfg
         self.mlp = None
         if cfg.enabled and cfg.operator == "mlp":
-            self.mlp = PerturbationMLP(dim, cfg.mlp_hidden_dim or dim, cfg.mlp_noise_dim, cfg.mlp_scale,
-                                       cfg.mlp_adversarial)
-
-    @classmethod
-    def from_config(cls, fa: Mapping, dim: int, has_queue: bool = False) -> FeatureAugmentation:
-        return cls(FAConfig.from_dict(fa), dim, has_queue)
+            m = cfg.mlp
+            self.mlp = PerturbationMLP(dim, m.hidden_dim or dim, m.noise_dim, m.scale, m.adversarial)
 
     @property
     def enabled(self) -> bool:
@@ -246,12 +165,12 @@ class FeatureAugmentation(nn.Module):
         under ``stop_gradient``. ``bank`` holds interpolation partners (default: ``x`` itself, the
         feature never being its own partner); ``partner`` overrides ``fa.interpolate.partner``."""
         c = self.cfg
-        partner = partner or c.partner
+        partner = partner or c.interpolate.partner
         src = x.detach() if c.stop_gradient else x
         n = src.shape[0]
         reps = src.repeat(c.copies, 1)
         if c.operator == "gaussian":
-            out = gaussian_perturb(reps, c.sigma, torch.randn_like(reps))
+            out = gaussian_perturb(reps, c.gaussian.sigma, torch.randn_like(reps))
         elif c.operator == "interpolate":
             self_bank = bank is None
             bank = src if self_bank else bank
@@ -261,8 +180,8 @@ class FeatureAugmentation(nn.Module):
                 idx = other_index(n, src.device, c.copies)
             else:
                 idx = torch.randint(0, bank.shape[0], (c.copies * n,), device=src.device)
-            lam = c.lambda_min + (1 - c.lambda_min) * torch.rand(c.copies * n, 1, device=src.device,
-                                                                   dtype=src.dtype)
+            low = c.interpolate.lambda_min
+            lam = low + (1 - low) * torch.rand(c.copies * n, 1, device=src.device, dtype=src.dtype)
             out = interpolate_toward(reps, bank[idx].to(src.dtype), lam)
         else:
             out = self.mlp(reps)
@@ -273,13 +192,13 @@ class FeatureAugmentation(nn.Module):
         be ``None`` when switched off); q, k: B x D unit features, negatives: K x D."""
         c, b = self.cfg, q.shape[0]
         extra_pos = extra_neg = None
-        if c.moco_positives:
-            bank = negatives if c.source == "queue" else None
-            if c.moco_positive_source == "key":
+        if c.moco.positives:
+            bank = negatives if c.interpolate.source == "queue" else None
+            if c.moco.positive_source == "key":
                 extra_pos = (q[None] * self.augment(k, bank).view(c.copies, b, -1)).sum(-1).T
             else:
                 extra_pos = (self.augment(q, bank).view(c.copies, b, -1) * k[None]).sum(-1).T
-        if c.moco_negatives:
+        if c.moco.negatives:
             extra_neg = q @ self.augment(negatives, partner="random").T
         return extra_pos, extra_neg
 

@@ -9,12 +9,11 @@ thing a method calls.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ftcl.config.types import FTSide
 
 GRANULARITIES = ("iteration", "sample", "element")
 DISTRIBUTIONS = ("beta", "uniform")
@@ -91,21 +90,6 @@ def interpolate_negatives(negatives: Tensor, lam: Tensor | float, perm: Tensor) 
     return lam * negatives + (1 - lam) * negatives[perm]
 
 
-@dataclass(frozen=True)
-class SideConfig:
-    """How one side (positive or negative) is transformed; see ``resources/config.schema.yaml``."""
-
-    mode: str = "none"
-    distribution: str = "beta"
-    alpha: float = 1.0
-    granularity: str = "iteration"
-    renormalize: bool = False
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> SideConfig:
-        return cls(**{k: d[k] for k in ("mode", "distribution", "alpha", "granularity", "renormalize") if k in d})
-
-
 class FeatureTransform:
     """FT composed from config: which transforms run, with which coefficient law and granularity.
 
@@ -115,20 +99,14 @@ class FeatureTransform:
     The queue is never modified; the caller enqueues the *unmixed* keys.
     """
 
-    def __init__(self, positive: SideConfig, negative: SideConfig, start_epoch: int = 0):
+    def __init__(self, positive: FTSide, negative: FTSide, start_epoch: int = 0):
+        """``positive``/``negative``: the run config's ``ft.positive``/``ft.negative`` (mode, law,
+        alpha, granularity, renormalisation of each side); ``start_epoch``: ``ft.start_epoch``."""
         if positive.mode not in ("none", "extrapolate", "interpolate"):
             raise ValueError(f"ft.positive.mode {positive.mode!r} is not none|extrapolate|interpolate")
         if negative.mode not in ("none", "interpolate"):
             raise ValueError(f"ft.negative.mode {negative.mode!r} is not none|interpolate")
         self.positive, self.negative, self.start_epoch = positive, negative, start_epoch
-
-    @classmethod
-    def from_config(cls, ft: Mapping) -> FeatureTransform:
-        return cls(
-            SideConfig.from_dict(ft.get("positive", {})),
-            SideConfig.from_dict(ft.get("negative", {})),
-            int(ft.get("start_epoch", 0)),
-        )
 
     @property
     def enabled(self) -> bool:

@@ -78,16 +78,16 @@ All noise is drawn on the images' device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ftcl.config.types import HSG
 from ftcl.data.views import crop_flip
 
-PAIR_MODES = ("project", "penalty")
 SCHEDULES = ("linear", "cosine")
 NATIVE_SIZE = {"digits": 8, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "imagefolder": 224}
 
@@ -146,9 +146,9 @@ def input_channels(backbone: nn.Module) -> int:
     return next(m for m in backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
-def resolution(data_cfg: Mapping) -> int:
+def resolution(dataset: str, image_size: int | None) -> int:
     """The view size of a run: ``data.image_size`` or the dataset's native size."""
-    return int(data_cfg.get("image_size") or NATIVE_SIZE[data_cfg["dataset"]])
+    return int(image_size or NATIVE_SIZE[dataset])
 
 
 class ConditionalGenerator(nn.Module):
@@ -223,11 +223,6 @@ class HardSampleGenerator(nn.Module):
                  weight: float = 1.0, adversarial_scale: float = 1.0, fraction: float = 1.0,
                  batch_multiple: int = 1):
         super().__init__()
-        if not 0 < fraction <= 1:
-            raise ValueError(f"hsg.fraction {fraction!r} must be in (0, 1]")
-        if mode not in PAIR_MODES:
-            raise ValueError(f"hsg.pair.mode {mode!r} is not one of {PAIR_MODES}")
-        similarity_target(0, epochs, similarity_start, similarity_end, schedule)  # validates the schedule
         stages = auto_stages(image_size) if stages is None else stages
         self.gen_a = ConditionalGenerator(channels, width, noise_dim, stages, epsilon)
         self.gen_b = ConditionalGenerator(channels, width, noise_dim, stages, epsilon)
@@ -239,20 +234,17 @@ class HardSampleGenerator(nn.Module):
         self.batch_multiple = int(batch_multiple)
 
     @classmethod
-    def from_config(cls, cfg: Mapping, channels: int, batch_multiple: int = 1) -> HardSampleGenerator | None:
-        """The generators of run config ``cfg`` (``None`` unless ``hsg.enabled``); ``batch_multiple``:
-        the pair count is rounded up to a multiple of it (the method's BatchNorm sub-batches)."""
-        h = cfg.get("hsg") or {}
-        if not h.get("enabled"):
-            return None
-        g, p = h["generator"], h["pair"]
-        return cls(channels, resolution(cfg["data"]), int(cfg["optim"]["epochs"]), width=g["width"],
-                   noise_dim=g["noise_dim"], stages=g["stages"], epsilon=g["epsilon"], mode=p["mode"],
-                   similarity_start=p["similarity_start"], similarity_end=p["similarity_end"],
-                   schedule=p["schedule"], penalty_weight=p["penalty_weight"], reaugment=h["reaugment"],
-                   crop_scale=tuple(h["crop_scale"]), weight=h["weight"],
-                   adversarial_scale=h["adversarial_scale"], fraction=h.get("fraction", 1.0),
-                   batch_multiple=batch_multiple)
+    def from_section(cls, h: HSG, channels: int, image_size: int, epochs: int,
+                     batch_multiple: int = 1) -> HardSampleGenerator:
+        """The generators of the run config's ``hsg`` section ``h`` for ``channels``-channel views of
+        ``image_size`` px and ``epochs`` epochs; ``batch_multiple``: the pair count is rounded up to a
+        multiple of it (the method's BatchNorm sub-batches)."""
+        g, p = h.generator, h.pair
+        return cls(channels, image_size, epochs, width=g.width, noise_dim=g.noise_dim, stages=g.stages,
+                   epsilon=g.epsilon, mode=p.mode, similarity_start=p.similarity_start,
+                   similarity_end=p.similarity_end, schedule=p.schedule, penalty_weight=p.penalty_weight,
+                   reaugment=h.reaugment, crop_scale=tuple(h.crop_scale), weight=h.weight,
+                   adversarial_scale=h.adversarial_scale, fraction=h.fraction, batch_multiple=batch_multiple)
 
     def target(self, epoch: int) -> float:
         return similarity_target(epoch, self.epochs, self.similarity_start, self.similarity_end, self.schedule)
