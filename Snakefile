@@ -3,9 +3,9 @@
 #   snakemake -c2                                    the demo (config/config.yaml)
 #   snakemake -c2 --configfile config/paper/X.yaml   another pipeline config (replaces the demo's)
 #   snakemake --report report.html                  Snakemake's report of the tables and plots
-# Rules call the `ftcl` command line through `ftcl submit` (ftcl/launch.py), so every stage can be
-# rerun by hand; docs/ARCHITECTURE.md describes the config and the run folders.
-from snakemake.utils import min_version, validate
+# Rules call the `ftcl` command line (`ftcl stage`, ftcl/orchestrate/), so every stage can be rerun by
+# hand; docs/ARCHITECTURE.md describes the config and the run folders.
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -14,17 +14,16 @@ if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
-
-validate(config, "workflow/schemas/config.schema.yaml")
+# The config is checked once, by ftcl/pipeline.py in workflow/rules/common.smk, against the schema
+# workflow/schemas/config.schema.yaml links to, after values Snakemake hands over as text (a profile's
+# config:) get their types back, with messages that name the row and the key.
 
 
 report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/detect.smk"
+include: "workflow/rules/stages.smk"
 include: "workflow/rules/aggregate.smk"
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ftcl import runfolders
 from ftcl.constants import STAGES
+from ftcl.orchestrate import folders
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,6 +60,14 @@ def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def _direct_command(stage: str, run_dir: Path) -> list[str]:
+    """The by-hand ``ftcl`` command of ``stage`` in a run folder: its config, its pretraining, its folder."""
+    args = ["detect" if stage == "detection" else stage, "--config", str(folders.config_path(run_dir, stage))]
+    if stage != "pretrain":
+        args += ["--checkpoint", str(run_dir / "pretrain")]
+    return [*args, "--out", str(run_dir / stage)]
+
+
 def orchestration_overhead(tiny_config: Path = REPO / "config" / "tiny.yaml") -> dict[str, float]:
     """Wall time per stage through ``snakemake -c1`` (submitit local launcher + MLflow) minus the same
     stages as plain ``ftcl`` commands without tracking, run one after the other."""
@@ -75,13 +83,13 @@ def orchestration_overhead(tiny_config: Path = REPO / "config" / "tiny.yaml") ->
         stages = 0
         t_direct = 0.0
         ftcl = str(BIN / "ftcl")
-        for row_dir in sorted(p for p in exp_dir.iterdir() if (p / "seed0" / runfolders.CONFIGS_DIR).is_dir()):
+        for row_dir in sorted(p for p in exp_dir.iterdir() if (p / "seed0" / folders.CONFIGS_DIR).is_dir()):
             for seed_dir in sorted(row_dir.glob("seed*")):
                 run_dir = direct / row_dir.name / seed_dir.name  # the same configs, a fresh run folder
-                shutil.copytree(seed_dir / runfolders.CONFIGS_DIR, run_dir / runfolders.CONFIGS_DIR)
+                shutil.copytree(seed_dir / folders.CONFIGS_DIR, run_dir / folders.CONFIGS_DIR)
                 for stage in STAGES:  # pretraining first, then its evaluations
                     if stage in cfg["stages"]:
-                        command = runfolders.stage_command(stage, run_dir)
+                        command = _direct_command(stage, run_dir)
                         t_direct += _run([ftcl, *command, "--set", "tracking.enabled=false"], REPO)
                         stages += 1
         t_aggregate = _run([ftcl, "aggregate", "--configfile", str(exp_dir / "pipeline.yaml"), "--no-mlflow"], REPO)

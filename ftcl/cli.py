@@ -1,50 +1,40 @@
-"""``ftcl`` command line: one sub-command per stage, each also runnable by hand.
+"""``ftcl`` command line: the top of the house. One sub-command per stage (each also runnable by hand),
+``ftcl stage`` (what the pipeline's rules run), and the commands around results.
 
-Every stage resolves its config (defaults <- ``--config`` <- ``--set``) and validates it before it
-touches data or builds a model; bad input exits with status 2 and a one-line message naming the
-culprit.
+Every parser is defined here and nothing imports this module; a handler imports what its command
+needs when it runs, so light commands start without torch. Bad input exits with status 2 and a
+one-line message naming the culprit, before any compute.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# module -> the sub-commands its ``register_cli`` adds; only the invoked one's module is imported,
-# so light commands (``ftcl submit`` waiting on a job) start without importing torch.
-COMMAND_MODULES = {
-    "ftcl.launch": ("submit",),
-    "ftcl.runfolders": ("stage",),
-    "ftcl.results.command": ("aggregate", "table"),
-    "ftcl.ui": ("ui",),
-}
+from ftcl.constants import DETECTION, PRETRAIN, RESULTS_DIR, STAGES
 
-CONFIG_HELP = "run config YAML (keys: ftcl/resources/config.schema.yaml); defaults fill the rest"
+CONFIG_HELP = "run config YAML (keys: docs/CONFIGURATION.md); defaults fill the rest"
 SET_HELP = ("override config keys, e.g. --set optim.epochs=10 ft.positive.mode=extrapolate "
             "(each value parsed as YAML; repeatable)")
+LAUNCHERS = ("local", "debug", "slurm")  # the launcher schema's names (tests/test_cli.py checks they agree)
 
 
-def add_set_option(p: argparse.ArgumentParser) -> None:
-    """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable; all pairs end up in ``args.overrides``."""
+# ------------------------------------------------------------------------------------------- stages
+def _config_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help=SET_HELP)
-
-
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("--config", type=Path, required=config_required, help=CONFIG_HELP)
-    add_set_option(p)
-    p.add_argument("--out", type=Path, required=True, help="run folder for outputs (created; resumed if present)")
+    p.add_argument("--out", type=Path, required=True, help=out_help)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ftcl import config, stages
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / a launcher's tasks
-    stages.pretrain(config.resolve(args.config, args.overrides, world=world, stages=("pretrain",)), args.out)
+    stages.pretrain(config.resolve(args.config, args.overrides, world=world, stages=(PRETRAIN,)), args.out)
     return 0
 
 
@@ -60,61 +50,156 @@ def _stage_config(args: argparse.Namespace, stage: str):
     return config.resolve(args.config, args.overrides, base=base, stages=(stage,))
 
 
-def cmd_evaluate(args: argparse.Namespace, stage: str) -> int:
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from ftcl import stages
 
-    stages.evaluate(stage, _stage_config(args, stage), args.checkpoint, args.out)
+    if args.stage_name == DETECTION:
+        stages.detect(_stage_config(args, DETECTION), args.checkpoint, args.out)
+    else:
+        stages.evaluate(args.stage_name, _stage_config(args, args.stage_name), args.checkpoint, args.out)
     return 0
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    from ftcl import stages
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a method (resumes from OUT/checkpoints/last.pt)",
+                       description="Pretrain; writes OUT/config.yaml, checkpoints/, scores/, pretrain.json.")
+    _config_args(p, "run folder for outputs (created; resumed if present)")
+    p.set_defaults(func=cmd_pretrain)
+    for stage, what in (("linear", "linear probe on frozen features"), ("knn", "weighted kNN classifier"),
+                        (DETECTION, "fine-tune Faster R-CNN from a pretrained backbone and report detection AP")):
+        p = sub.add_parser("detect" if stage == DETECTION else stage, help=what,
+                           description=f"{what}; writes OUT/config.yaml and OUT/{stage}.json. Without --config the "
+                           "pretraining run's own config is used.")
+        _config_args(p, "run folder for outputs (created)")
+        p.add_argument("--checkpoint", type=Path, required=stage != DETECTION,
+                       help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file"
+                       + ("; required for detection.init=pretrained" if stage == DETECTION else ""))
+        p.set_defaults(func=cmd_evaluate, stage_name=stage)
 
-    stages.detect(_stage_config(args, "detection"), args.checkpoint, args.out)
-    return 0
+
+# --------------------------------------------------------------------------------------- ftcl stage
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``ftcl stage``: the stage's config (resolved at plan time, else resolved here for the launcher's
+    processes), its launcher settings checked against the pipeline schema, then the job wrapper."""
+    from ftcl import config, pipeline
+    from ftcl.orchestrate import job
+
+    overrides = config.dotted_to_nested(dict(config.parse_override(o) for o in args.option))
+    settings = pipeline.stage_settings(pipeline.launcher_settings(args.launcher, overrides), args.launcher,
+                                       args.stage)
+    if args.config_text is not None:
+        text = args.config_text
+    else:
+        content = args.config.read_text() if args.config.is_file() else ""
+        try:
+            config.resolved.parse(content, str(args.config))
+            text = content  # resolved already: its digest holds
+        except config.ConfigError:
+            world = pipeline.processes(args.launcher, settings) if args.stage == PRETRAIN else 1
+            cfg = config.resolve(args.config, world=world, stages=(args.stage,))
+            text = config.resolved.text(cfg, world)
+    job_dir = args.job_dir or args.run_dir / "jobs" / args.stage
+    return job.run_stage(args.stage, args.run_dir, text, args.launcher, settings, job_dir, args.log)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``ftcl`` parser; with ``command`` given, only the module defining it is imported."""
+def _add_stage_runner(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stage", help="run one stage of a row and seed in its run folder through a launcher (what the pipeline runs)",
+        description="Write RUN_DIR/configs/STAGE.yaml, move RUN_DIR/STAGE/ aside to RUN_DIR/.superseded/ when it "
+        "holds results of other settings, submit the stage through the launcher (local, debug, SLURM) unless its "
+        "result for these settings is already there, stream its logs while waiting, and write RUN_DIR/STAGE.done. "
+        f"Stages other than pretrain read RUN_DIR/{PRETRAIN}.",
+        epilog="launcher settings (-o KEY=VALUE, values read as YAML): docs/CONFIGURATION.md, launcher.*; e.g. "
+        "-o partition=gpu -o gpus_per_node=4 -o timeout_min=2880 -o additional_parameters.mail-type=FAIL")
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--run-dir", type=Path, required=True, help="the row and seed folder, <results>/<exp>/<row>/seed<k>")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-text", help="the resolved run config (what the pipeline's rules pass)")
+    source.add_argument("--config", type=Path, help="a run config file (resolved here unless it already is)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: a process on this machine (default); debug: in this process; slurm: a SLURM job")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="one launcher setting")
+    p.add_argument("--job-dir", type=Path, help="submitit's folder for the job (default RUN_DIR/jobs/STAGE)")
+    p.add_argument("--log", type=Path, help="append the job's streamed log lines to this file instead of printing")
+    p.set_defaults(func=cmd_stage)
+
+
+# ------------------------------------------------------------------------------------------ results
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from ftcl.results.command import cmd_aggregate as run
+
+    return run(args)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from ftcl.results.command import cmd_table as run
+
+    return run(args)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ftcl.ui import cmd_ui as run
+
+    return run(args)
+
+
+def _add_result_commands(sub: argparse._SubParsersAction) -> None:
+    agg = sub.add_parser(
+        "aggregate", help="ablation tables, paper comparison, plots and report.html from the run folders",
+        description="Aggregate every row and seed of a pipeline config into results/<experiment>/tables/ "
+        "(ablation, floor and paper-comparison tables as CSV, Markdown and LaTeX), results/<experiment>/plots/ "
+        "and results/<experiment>/report.html, print the ablation table, and log them all as artifacts "
+        "of an MLflow run named 'aggregate'.")
+    agg.add_argument("--configfile", required=True, help="the pipeline config (e.g. config/config.yaml)")
+    agg.add_argument("--results-dir", default=None, help="results folder (default: the config's results_dir)")
+    agg.add_argument("--allow-missing", action="store_true",
+                     help="skip rows and seeds whose run folder does not exist instead of failing")
+    agg.add_argument("--no-mlflow", action="store_true", help="do not log the outputs to MLflow")
+    agg.set_defaults(func=cmd_aggregate)
+
+    tab = sub.add_parser(
+        "table", help="print the ablation table from the MLflow store",
+        description="Print the ablation table of an experiment from the MLflow store alone (stage runs "
+        "tagged ftcl.row and ftcl.seed and not superseded; metrics linear/top1, knn/top1, det/voc07_AP50, ...), "
+        "without reading the results folders.")
+    tab.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's experiment)")
+    tab.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                     "else the config's store, else sqlite:///results/mlflow.db)")
+    tab.add_argument("--configfile", default=None, help="pipeline config for the experiment name, row order and "
+                     "baseline (default: config/config.yaml when it exists)")
+    tab.add_argument("--baseline", default=None,
+                     help="row the deltas refer to (default: the config's baseline, else the first row)")
+    tab.set_defaults(func=cmd_table)
+
+    ui = sub.add_parser(
+        "ui", help="start the MLflow UI on the project's store and print the URL to open",
+        description="Start the MLflow UI (mlflow server, one worker, background jobs off) on the store the "
+        "stages write, wait until it answers, print the URL to open (the experiment's page with --experiment), "
+        "and stop every process it started on Ctrl-C.")
+    ui.add_argument("--experiment", default=None, help="open this MLflow experiment (default: the experiment list)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0: a free one)")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    ui.add_argument("--tracking-uri", default=None,
+                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS_DIR/mlflow.db)")
+    ui.add_argument("--results-dir", default=RESULTS_DIR, help="results folder of the default sqlite store")
+    ui.add_argument("--log", default=None,
+                    help="server log file (default: mlflow-ui.log beside a sqlite store); '-' shows it here")
+    ui.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds to wait for the server to answer (default 120)")
+    ui.set_defaults(func=cmd_ui)
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ftcl`` parser with every sub-command."""
     parser = argparse.ArgumentParser(
         prog="ftcl",
         description="Contrastive pretraining with feature transformation (MoCo + FT), evaluation, and the "
-        "pipeline around it. Every stage takes --config FILE and --set key=value overrides.",
-    )
+        "pipeline around it. Every stage takes --config FILE and --set key=value overrides.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("pretrain", help="pretrain a method (resumes from OUT/checkpoints/last.pt)",
-                       description="Pretrain; writes OUT/config.yaml, checkpoints/, scores/, pretrain.json.")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_pretrain)
-
-    for stage, what in (("linear", "linear probe on frozen features"), ("knn", "weighted kNN classifier")):
-        p = sub.add_parser(stage, help=what, description=f"{what}; writes OUT/{stage}.json. Without --config "
-                           "the pretraining run's own config is used.")
-        _add_config_args(p)
-        p.add_argument("--checkpoint", type=Path, required=True,
-                       help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file")
-        p.set_defaults(func=lambda a, s=stage: cmd_evaluate(a, s))
-
-    p = sub.add_parser("detect", help="fine-tune Faster R-CNN from a pretrained backbone and report detection AP",
-                       description="Detection transfer; writes OUT/config.yaml, OUT/detection.json, "
-                       "OUT/per_class_ap.csv. Without --config the pretraining run's own config is used.")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="pretraining run folder (holding checkpoints/last.pt) or a checkpoint file; "
-                        "required for detection.init=pretrained")
-    p.set_defaults(func=cmd_detect)
-
-    for name, commands in COMMAND_MODULES.items():
-        if command is not None and command not in commands:
-            continue
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.register_cli(sub)
+    _add_stage_commands(sub)
+    _add_stage_runner(sub)
+    _add_result_commands(sub)
     return parser
 
 
@@ -122,10 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ftcl`` console script; returns the exit status."""
     from ftcl.errors import USER_ERRORS
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    known = {c for commands in COMMAND_MODULES.values() for c in commands}
-    parser = build_parser(argv[0] if argv and argv[0] in known | {"pretrain", "linear", "knn", "detect"} else None)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
@@ -135,3 +217,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

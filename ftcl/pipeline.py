@@ -77,10 +77,28 @@ def _fill_defaults(value: Any, node: Mapping) -> Any:
     return value
 
 
+def coerce(cfg: Mapping) -> dict:
+    """The pipeline config with the values Snakemake handed over as text (a profile's ``config:``,
+    nested ``--config``) given their types back: the pipeline schema's, and the run schema's inside
+    ``defaults`` and the rows' ``overrides`` (:func:`ftcl.config.schema.coerce_text`)."""
+    from ftcl.config.schema import coerce_dotted, coerce_text
+
+    out = coerce_text(dict(cfg), schema(), schema())
+    if isinstance(out.get("defaults"), Mapping):
+        out["defaults"] = coerce_text(out["defaults"], runconfig.schema(), runconfig.schema())
+    if isinstance(out.get("ablations"), list):
+        out["ablations"] = [{**row, "overrides": coerce_dotted(runconfig.flatten(row["overrides"]))}
+                            if isinstance(row, Mapping) and isinstance(row.get("overrides"), Mapping) else row
+                            for row in out["ablations"]]
+    return out
+
+
 def validate(cfg: Mapping, source: str = "pipeline config") -> dict:
-    """The pipeline config checked against its schema, with defaults filled in."""
+    """The pipeline config (text values typed back, :func:`coerce`) checked against its schema, with
+    defaults filled in."""
     import jsonschema
 
+    cfg = coerce(cfg)
     sch = schema()
     errors = sorted(jsonschema.Draft202012Validator(sch).iter_errors(dict(cfg)), key=lambda e: list(map(str, e.path)))
     if errors:
@@ -343,8 +361,11 @@ class Pipeline:
         cfg = self.run_configs[row]
         return runconfig.replace(cfg, {"seed": int(seed), "tracking.tags": {**cfg.tracking.tags, "seed": int(seed)}})
 
-    def run_config_text(self, row: str, seed: int) -> str:
-        return yaml.safe_dump(to_dict(self.run_config(row, seed)), sort_keys=False)
+    def resolved_text(self, row: str, seed: int, stage: str) -> str:
+        """The resolved file of ``row``, ``seed`` and ``stage`` (:mod:`ftcl.config.resolved`): checked
+        for the processes the launcher gives the stage, which its job only checks by digest."""
+        world = stage_world(self.config, stage) if stage == PRETRAIN else 1
+        return runconfig.resolved.text(self.run_config(row, seed), world)
 
     def stage_digest(self, row: str, seed: int, stage: str) -> str:
         return stage_digest(self.run_config(row, seed), stage)
@@ -360,20 +381,37 @@ class Pipeline:
         return {"enabled": tracking.enabled, "uri": tracking.uri, "artifact_root": tracking.artifact_root}
 
 
-def stage_world(cfg: Mapping, stage: str) -> int:
-    """The processes ``stage``'s job gets from the pipeline config's launcher settings: ``nodes`` x
-    ``tasks_per_node``, which defaults to ``gpus_per_node`` (one DDP process per GPU), else 1; the
-    debug launcher runs one process."""
-    launcher = cfg.get("launcher") or {}
-    name = launcher.get("name") or "local"
-    if name == "debug":
+def launcher_settings(name: str, settings: Mapping[str, Any]) -> dict:
+    """A ``launcher:`` section for launcher ``name`` with ``settings`` (e.g. ``ftcl stage -o`` options),
+    checked against the pipeline schema (names, types; text values typed back) with its defaults."""
+    probe = {"experiment": "launcher", "ablations": [{"name": "row", "baseline": True}],
+             "launcher": {"name": name, name: dict(settings)}}
+    return validate(probe, "launcher settings")["launcher"]
+
+
+def stage_settings(section: Mapping[str, Any], launcher: str, stage: str | None) -> dict[str, Any]:
+    """Settings of ``launcher`` for ``stage`` from a validated ``launcher:`` section:
+    ``section[launcher]``, and for ``slurm`` ``section["stages"][stage]`` on top (e.g. more GPUs and
+    time for pretraining than for the linear probe); unset (``None``) settings left out."""
+    settings = dict(section.get(launcher) or {})
+    if launcher == "slurm" and stage:
+        settings = runconfig.deep_merge(settings, (section.get("stages") or {}).get(stage) or {})
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def processes(launcher: str, settings: Mapping[str, Any]) -> int:
+    """The processes a job with these settings runs: ``nodes`` x ``tasks_per_node`` (default:
+    ``gpus_per_node``, one DDP process per GPU, else 1); the debug launcher runs one."""
+    if launcher == "debug":
         return 1
-    settings = dict(launcher.get(name) or {})
-    if name == "slurm":
-        settings.update((launcher.get("stages") or {}).get(stage) or {})
     tasks = settings.get("tasks_per_node") or settings.get("gpus_per_node") or 1
-    nodes = settings.get("nodes") or 1 if name == "slurm" else 1
-    return int(tasks) * int(nodes)
+    return int(tasks) * int(settings.get("nodes", 1) if launcher == "slurm" else 1)
+
+
+def stage_world(cfg: Mapping, stage: str) -> int:
+    """The processes ``stage``'s job gets from a validated pipeline config's launcher settings."""
+    launcher = cfg["launcher"]
+    return processes(launcher["name"], stage_settings(launcher, launcher["name"], stage))
 
 
 def check_results_folder(cfg: Mapping) -> None:

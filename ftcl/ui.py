@@ -318,26 +318,3 @@ def cmd_ui(args: argparse.Namespace) -> int:
             log_file.close()
         for s, handler in old.items():
             signal.signal(s, handler)
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``ftcl ui``."""
-    p = subparsers.add_parser(
-        "ui",
-        help="start the MLflow UI on the project's store and print the URL to open",
-        description="Start the MLflow UI (mlflow server, one worker, background jobs off) on the store "
-        "the stages write, wait until it answers, print the URL to open (the experiment's page with "
-        "--experiment), and stop every process it started on Ctrl-C.",
-    )
-    p.add_argument("--experiment", default=None, help="open this MLflow experiment (default: the experiment list)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS_DIR/mlflow.db)")
-    p.add_argument("--results-dir", default="results",
-                   help="results folder of the default sqlite store (default: results)")
-    p.add_argument("--log", default=None,
-                   help="server log file (default: mlflow-ui.log beside a sqlite store); '-' shows it here")
-    p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S,
-                   help=f"seconds to wait for the server to answer (default {HEALTH_TIMEOUT_S:.0f})")
-    p.set_defaults(func=cmd_ui)

@@ -1,6 +1,7 @@
-"""`ftcl submit`: stages run as submitit jobs (local and debug executors), their logs streamed,
-their errors reported, preempted jobs requeued and resumed, and launcher settings turned into
-SLURM parameters (without a cluster; tests/slurm/ runs them on one)."""
+"""`ftcl stage` and the job wrapper (ftcl/orchestrate/): a stage runs as a submitit job in its run folder
+(local and debug executors), its logs are streamed, its errors reported, a preempted job is requeued and
+resumed, and launcher settings are checked by the pipeline schema and turned into SLURM parameters
+(without a cluster; tests/slurm/ runs them on one)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftcl import launch
+from ftcl import config, pipeline
 from ftcl.config import ConfigError
+from ftcl.orchestrate import folders, job, launcher
 
 FTCL = str(Path(sys.executable).with_name("ftcl"))
 TINY_RUN = {
@@ -45,22 +47,24 @@ def write_run_config(folder: Path, **optim) -> Path:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """One real `ftcl pretrain` through the local launcher (shared by the tests that need a checkpoint)."""
-    folder = tmp_path_factory.mktemp("submit")
-    config = write_run_config(folder)
-    proc = run_ftcl("submit", "--launcher", "local", "--job-dir", "jobs", "-o", "cpus_per_task=1",
-                    "--", "pretrain", "--config", str(config), "--out", "run", cwd=folder)
+    """One real pretraining through `ftcl stage` and the local launcher (shared by the tests that need it)."""
+    folder = tmp_path_factory.mktemp("stage")
+    config_file = write_run_config(folder)
+    proc = run_ftcl("stage", "pretrain", "--run-dir", "run", "--config", str(config_file), "--launcher", "local",
+                    "-o", "cpus_per_task=1", cwd=folder)
     return folder, proc
 
 
-def test_local_launcher_runs_a_stage_and_streams_its_logs(pretrained):
+def test_local_launcher_runs_a_stage_in_its_run_folder_and_streams_its_logs(pretrained):
     folder, proc = pretrained
     assert proc.returncode == 0, proc.stderr
-    assert (folder / "run" / "pretrain.json").is_file()
+    assert (folder / "run" / "pretrain" / "pretrain.json").is_file() and (folder / "run" / "pretrain.done").is_file()
+    resolved = (folder / "run" / "configs" / "pretrain.yaml").read_text()
+    assert resolved.startswith("# ftcl resolved run config: world 1, digest ")  # resolved once, here
     match = re.search(r"pretrain: job (\d+) submitted; logs: (\S+) and (\S+)", proc.stderr)
     assert match, proc.stderr
     stdout_log, stderr_log = Path(match[2]), Path(match[3])
-    assert stdout_log.parent == folder / "jobs" and stdout_log.is_file() and stderr_log.is_file()
+    assert stdout_log.parent == folder / "run" / "jobs" / "pretrain" and stdout_log.is_file() and stderr_log.is_file()
     assert "[pretrain] done" in stdout_log.read_text()
     assert "[pretrain] done" in proc.stdout  # streamed while the job ran
     assert f"job {match[1]} finished" in proc.stderr
@@ -75,30 +79,53 @@ def test_local_job_is_tracked_with_its_launcher(pretrained):
     assert [r.data.tags["ftcl.launcher"] for r in runs] == ["local"]
 
 
+def test_a_finished_stage_under_the_same_settings_runs_nothing(pretrained):
+    folder, _ = pretrained
+    proc = run_ftcl("stage", "pretrain", "--run-dir", "run", "--config", "run/configs/pretrain.yaml", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds this stage's result for these settings; nothing to run" in proc.stderr
+    assert "submitted" not in proc.stderr
+
+
 def test_debug_launcher_runs_the_stage_in_process_and_logs_to_a_file(pretrained):
     folder, _ = pretrained
-    proc = run_ftcl("submit", "--launcher", "debug", "--job-dir", "debug-jobs", "--log", "knn.log",
-                    "--", "knn", "--checkpoint", "run", "--out", "knn", "--set", "tracking.enabled=false",
-                    cwd=folder)
+    knn = folder / "knn.yaml"
+    knn.write_text(yaml.safe_dump({**yaml.safe_load((folder / "run.yaml").read_text()),
+                                   "tracking": {"enabled": False}}))
+    proc = run_ftcl("stage", "knn", "--run-dir", "run", "--config", str(knn), "--launcher", "debug",
+                    "--log", "knn.log", cwd=folder)
     assert proc.returncode == 0, proc.stderr
-    assert (folder / "knn" / "knn.json").is_file()
+    assert (folder / "run" / "knn" / "knn.json").is_file()
     assert "[knn] top1" in proc.stdout  # in process: the stage prints straight to this console
     assert re.search(r"knn: job DEBUG_\d+ finished", (folder / "knn.log").read_text())
 
 
-def test_a_failing_stage_fails_submit_with_its_own_error_and_log_paths(tmp_path):
-    proc = run_ftcl("submit", "--job-dir", "jobs", "--", "pretrain", "--config", "missing.yaml", "--out", "run",
-                    cwd=tmp_path)
+def test_a_failing_stage_fails_with_its_own_message_and_log_paths(tmp_path):
+    config_file = write_run_config(tmp_path)
+    cfg = yaml.safe_load(config_file.read_text())
+    cfg["data"]["train_subset"] = 10  # fewer images than the batch: only the job can know
+    config_file.write_text(yaml.safe_dump(cfg))
+    proc = run_ftcl("stage", "pretrain", "--run-dir", "run", "--config", str(config_file), cwd=tmp_path)
     assert proc.returncode == 1
-    assert "exited with status 2" in proc.stderr
-    assert "config file missing.yaml does not exist" in proc.stderr  # the stage's message, from the job
+    assert "more than the 10 training images" in proc.stderr  # the stage's message, from the job
+    assert "Traceback" not in proc.stderr.split("failed:")[1]
     logs = re.search(r"logs: (\S+) and (\S+)", proc.stderr.split("failed:")[1])
     assert logs and Path(logs[1]).is_file() and Path(logs[2]).is_file()
+    assert not (tmp_path / "run" / "pretrain.done").exists()
+
+
+def test_a_config_edited_after_it_was_resolved_is_refused(tmp_path):
+    text = config.resolved.text(config.resolve(write_run_config(tmp_path)))
+    with pytest.raises(ConfigError, match="changed after it was resolved"):
+        job.run_stage("pretrain", tmp_path / "run", text.replace("epochs: 1", "epochs: 2"), "local", {}, tmp_path)
+    with pytest.raises(ConfigError, match="checked for 1"):  # resolved for 1 process, launched on 2
+        job.run_stage("pretrain", tmp_path / "run", text, "local", {"tasks_per_node": 2}, tmp_path)
+    assert not (tmp_path / "run" / "pretrain").exists()
 
 
 def test_an_exception_in_a_job_is_reported_with_its_traceback(tmp_path, capsys):
-    job = launch.submit_callable(functools.partial(int, "not-a-number"), "local", tmp_path)
-    assert launch.follow(job, stage="check") == 1
+    submitted = launcher.submit(functools.partial(int, "not-a-number"), "local", tmp_path)
+    assert launcher.follow(submitted, stage="check") == 1
     err = capsys.readouterr().err
     assert "check: job" in err and "failed" in err
     assert "Traceback" in err and "ValueError: invalid literal for int() with base 10: 'not-a-number'" in err
@@ -106,65 +133,54 @@ def test_an_exception_in_a_job_is_reported_with_its_traceback(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_preempted_pretraining_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
-    config = write_run_config(tmp_path, epochs=8)
-    job = launch.submit(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")], "local",
-                        tmp_path / "jobs", {"cpus_per_task": 1})
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    while not last.exists() and not job.done():  # no deadline: a hang is pytest's timeout (pyproject.toml)
+    config_file = write_run_config(tmp_path, epochs=8)
+    stage = subprocess.Popen([FTCL, "stage", "pretrain", "--run-dir", "run", "--config", str(config_file),
+                              "--job-dir", "jobs", "-o", "cpus_per_task=1"], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    last = tmp_path / "run" / "pretrain" / "checkpoints" / "last.pt"
+    while not last.exists() and stage.poll() is None:  # no deadline: a hang is pytest's timeout (pyproject.toml)
         time.sleep(0.1)
-    assert last.exists(), job.stderr()
-    controller = int(job.job_id)  # the local job's id is its controller's pid; the task is its child
+    assert last.exists(), stage.communicate()
+    controller = int(next((tmp_path / "jobs").glob("*_submitted.pkl")).name.split("_")[0])  # the local job's id
     task = int(subprocess.check_output(["pgrep", "-P", str(controller)], text=True).split()[0])
     os.kill(task, signal.SIGUSR2)  # what SLURM sends before preempting or timing out a job
-    assert launch.follow(job, stage="pretrain") == 0
-    log = job.paths.stdout.read_text()
-    assert "requeueing `ftcl pretrain" in log
+    out, err = stage.communicate()
+    assert stage.returncode == 0, err
+    log = next((tmp_path / "jobs").glob("*_0_log.out")).read_text()
+    assert "requeueing pretrain of" in log
     resumed = re.search(r"resumed from \S+ at epoch (\d+)/8", log)
     assert resumed and int(resumed[1]) >= 1, log
-    assert "epoch 8/8" in log and (tmp_path / "run" / "pretrain.json").is_file()
+    assert "epoch 8/8" in log and (tmp_path / "run" / "pretrain.done").is_file()
 
 
-def test_checkpoint_resubmits_the_same_command():
-    job = launch.FtclJob(["pretrain", "--config", "c.yaml", "--out", "o"], "slurm")
-    delayed = job.checkpoint()
-    assert delayed.function is job and job.argv == ["pretrain", "--config", "c.yaml", "--out", "o"]
-
-
-def test_the_exit_of_a_requeued_job_is_not_turned_into_a_failure(monkeypatch):
-    job = launch.FtclJob(["pretrain"], "debug")
-
-    def preempted_main(argv):
-        job.checkpoint()
-        sys.exit(144)  # what submitit does after requeueing a local job
-
-    monkeypatch.setattr("ftcl.cli.main", preempted_main)
-    with pytest.raises(SystemExit):
-        job()
+def test_checkpoint_resubmits_the_same_stage():
+    stage_job = job.StageJob("pretrain", "run", "slurm")
+    delayed = stage_job.checkpoint()
+    assert delayed.function is stage_job and (stage_job.stage, stage_job.run_dir) == ("pretrain", "run")
 
 
 def test_slurm_settings_of_a_stage_become_sbatch_parameters(tmp_path):
-    section = {
-        "slurm": {"partition": "gpu", "account": "lab", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32,
-                  "timeout_min": 60, "additional_parameters": {"requeue": True}},
-        "stages": {"pretrain": {"gpus_per_node": 4, "timeout_min": 2880}},
-    }
-    executor = launch.make_executor("slurm", tmp_path, launch.stage_settings(section, "slurm", "pretrain"))
-    params = executor.parameters
-    assert params["partition"] == "gpu" and params["account"] == "lab"
-    assert params["gpus_per_node"] == 4 and params["ntasks_per_node"] == 4  # one DDP process per GPU
-    assert params["time"] == 2880 and params["mem"] == "32GB" and params["cpus_per_task"] == 8
-    assert params["additional_parameters"] == {"requeue": True}
-    linear = launch.stage_settings(section, "slurm", "linear")
-    assert linear["gpus_per_node"] == 1 and linear["timeout_min"] == 60
+    section = pipeline.launcher_settings("slurm", {
+        "partition": "gpu", "account": "lab", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32,
+        "timeout_min": 60, "additional_parameters": {"requeue": True}})
+    section["stages"] = {"pretrain": {"gpus_per_node": 4, "timeout_min": 2880}}
+    executor = launcher.make_executor("slurm", tmp_path, pipeline.stage_settings(section, "slurm", "pretrain"))
+    params = executor._executor.parameters
+    assert (params["partition"], params["account"], params["gpus_per_node"], params["ntasks_per_node"],
+            params["time"], params["mem"], params["requeue"]) == ("gpu", "lab", 4, 4, 2880, "32GB", True)
+    linear = pipeline.stage_settings(section, "slurm", "linear")
+    assert (linear["gpus_per_node"], linear["timeout_min"]) == (1, 60)
 
 
 def test_unknown_or_mistyped_launcher_settings_are_rejected_by_name():
-    with pytest.raises(ConfigError, match="unknown slurm setting 'partiton'"):
-        launch.check_settings("slurm", {"partiton": "gpu"})
-    with pytest.raises(ConfigError, match="launcher.stages.pretrain: slurm setting 'gpus_per_node' is '4'"):
-        launch.stage_settings({"stages": {"pretrain": {"gpus_per_node": "4"}}}, "slurm", "pretrain")
-    assert launch.parse_options(["partition=gpu", "additional_parameters.gres=gpu:2", "mem_gb=8"]) == {
-        "partition": "gpu", "additional_parameters": {"gres": "gpu:2"}, "mem_gb": 8}
+    with pytest.raises(ConfigError, match=r"launcher.slurm.*'partiton'"):
+        pipeline.launcher_settings("slurm", {"partiton": "gpu"})
+    with pytest.raises(ConfigError, match=r"launcher.slurm.gpus_per_node.*'four'"):
+        pipeline.launcher_settings("slurm", {"gpus_per_node": "four"})
+    typed = pipeline.launcher_settings("slurm", {"gpus_per_node": "4", "mem_gb": "1.5", "partition": "None",
+                                                 "additional_parameters": {"requeue": "True"}})["slurm"]
+    assert (typed["gpus_per_node"], typed["mem_gb"], typed["partition"], typed["additional_parameters"]) == (
+        4, 1.5, None, {"requeue": True})  # as Snakemake hands a profile's config: over, as text
 
 
 def test_a_multi_task_job_exports_the_torch_distributed_environment(monkeypatch):
@@ -176,15 +192,13 @@ def test_a_multi_task_job_exports_the_torch_distributed_environment(monkeypatch)
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "stale")  # so that the test restores them
     monkeypatch.delenv("MASTER_PORT")  # when set, submitit keeps it; else it derives one from the job id
-    launch._export_distributed_env()
+    job._export_distributed_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
     assert os.environ["MASTER_ADDR"] != "stale" and os.environ["MASTER_PORT"].isdigit()
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).parents[1] / "config").rglob("*.yaml")
-                                        if "overlays" not in p.parts), ids=lambda p: p.name)
-def test_shipped_launcher_settings_are_valid_for_every_stage(path):
-    section = launch.launcher_section(path)
-    for launcher in launch.LAUNCHERS:
-        for stage in ("pretrain", "linear", "knn", "detection"):
-            launch.stage_settings(section, launcher, stage)
+def test_the_cli_knows_the_launchers_the_schema_does():
+    from ftcl import cli
+
+    assert set(cli.LAUNCHERS) == set(pipeline.schema()["properties"]["launcher"]["properties"]["name"]["enum"])
+    assert folders.marker_path("r", "knn") == Path("r") / "knn.done"

@@ -1,4 +1,4 @@
-"""The pipeline's logic without Snakemake (ftcl/pipeline.py, ftcl/runfolders.py): every run-config key
+"""The pipeline's logic without Snakemake (ftcl/pipeline.py, ftcl/folders.py): every run-config key
 belongs to the stages that read it, digests follow those stages only, rows and grids are checked,
 no folder escapes the results folder, and a stage's earlier work is kept, resumed or moved aside."""
 
@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from ftcl import config as runconfig
-from ftcl import pipeline, runfolders
+from ftcl import pipeline
 from ftcl.constants import STAGES
 from ftcl.errors import ConfigError
+from ftcl.orchestrate import folders
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -167,25 +168,25 @@ def test_the_stage_lists_of_the_pipeline_schema_are_the_stages():
 
 
 # ------------------------------------------------------------------------------------ run folders
-def _finished(run_dir: Path, stage: str, cfg: dict) -> runfolders.Prepared:
-    prepared = runfolders.prepare(run_dir, stage, cfg)
+def _finished(run_dir: Path, stage: str, cfg: dict) -> folders.Prepared:
+    prepared = folders.prepare(run_dir, stage, cfg)
     (prepared.folder / "config.yaml").write_text(yaml.safe_dump(runconfig.to_dict(cfg)))
     (prepared.folder / "checkpoints").mkdir(exist_ok=True)
     (prepared.folder / "checkpoints" / "last.pt").write_bytes(b"weights")
     (prepared.folder / f"{stage}.json").write_text(json.dumps({"top1": 50.0}))
-    runfolders.finish(run_dir, stage, prepared)
+    folders.finish(run_dir, stage, prepared)
     return prepared
 
 
 def test_a_stage_with_the_same_settings_is_done_or_resumed_never_moved(tmp_path):
     cfg = runconfig.resolve(overrides={"data.dataset": "digits"})
     first = _finished(tmp_path, "pretrain", cfg)
-    again = runfolders.prepare(tmp_path, "pretrain", runconfig.replace(cfg, {"log_every": 3}))
+    again = folders.prepare(tmp_path, "pretrain", runconfig.replace(cfg, {"log_every": 3}))
     assert again.state == "done" and again.key["id"] == json.loads((tmp_path / "pretrain.done").read_text())["id"]
     assert again.key["id"] == first.key["id"] or first.key["id"] == ""
     (tmp_path / "pretrain" / "pretrain.json").unlink()  # interrupted before the end: resume
-    assert runfolders.prepare(tmp_path, "pretrain", cfg).state == "resume"
-    assert not (tmp_path / runfolders.SUPERSEDED_DIR).exists()
+    assert folders.prepare(tmp_path, "pretrain", cfg).state == "resume"
+    assert not (tmp_path / folders.SUPERSEDED_DIR).exists()
 
 
 def test_changed_settings_move_the_finished_folder_aside_intact(tmp_path):
@@ -193,16 +194,16 @@ def test_changed_settings_move_the_finished_folder_aside_intact(tmp_path):
     _finished(tmp_path, "pretrain", cfg)
     _finished(tmp_path, "linear", cfg)
     edited = runconfig.replace(cfg, {"optim.lr_per_256": 0.5})
-    moved = runfolders.prepare(tmp_path, "pretrain", edited)
+    moved = folders.prepare(tmp_path, "pretrain", edited)
     assert moved.state == "superseded" and "optim.lr_per_256 (0.03 -> 0.5)" in moved.reason
     assert (moved.moved_to / "checkpoints" / "last.pt").read_bytes() == b"weights"
     assert json.loads((moved.moved_to / "pretrain.json").read_text()) == {"top1": 50.0}
-    assert moved.moved_to.parent == tmp_path / runfolders.SUPERSEDED_DIR
+    assert moved.moved_to.parent == tmp_path / folders.SUPERSEDED_DIR
     assert not any((tmp_path / "pretrain").glob("*.json")) or (tmp_path / "pretrain" / ".ftcl_stage.json").exists()
     # the linear probe read the old pretraining: once the new one is done, it is moved aside too
     (tmp_path / "pretrain" / "pretrain.json").write_text("{}")
-    runfolders.finish(tmp_path, "pretrain", moved)
-    linear = runfolders.prepare(tmp_path, "linear", edited)
+    folders.finish(tmp_path, "pretrain", moved)
+    linear = folders.prepare(tmp_path, "linear", edited)
     assert linear.state == "superseded" and "pretraining it read was superseded" in linear.reason
     assert (linear.moved_to / "linear.json").is_file()
 
@@ -213,6 +214,6 @@ def test_a_folder_from_before_key_files_is_adopted_when_its_config_matches(tmp_p
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(runconfig.to_dict(cfg)))
     (folder / "knn.json").write_text("{}")
-    assert runfolders.prepare(tmp_path, "knn", cfg).state == "done"
+    assert folders.prepare(tmp_path, "knn", cfg).state == "done"
     other = runconfig.replace(cfg, {"eval.knn.k": 5})
-    assert runfolders.prepare(tmp_path, "knn", other).state == "superseded"
+    assert folders.prepare(tmp_path, "knn", other).state == "superseded"

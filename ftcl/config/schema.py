@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
+import yaml
 
 from ftcl.config.merge import Config, resource_yaml
 from ftcl.errors import ConfigError
@@ -45,16 +46,20 @@ def check_known_keys(overrides: Mapping[str, Any], where: str = "override") -> N
 
 
 def properties(node: Mapping, root: Mapping) -> dict | None:
-    """Collect ``properties`` of a schema node, following ``allOf`` and local ``$ref``s."""
-    props: dict = {}
+    """Collect ``properties`` of a schema node, following ``allOf`` and local ``$ref``s; a property
+    listed at several levels gets the keywords of all of them (the nearest wins)."""
+    found: list[Mapping] = []
     if "$ref" in node:
         target = root
         for part in node["$ref"].lstrip("#/").split("/"):
             target = target[part]
-        props.update(properties(target, root) or {})
-    for sub in node.get("allOf", []):
-        props.update(properties(sub, root) or {})
-    props.update(node.get("properties", {}))
+        found.append(properties(target, root) or {})
+    found += [properties(sub, root) or {} for sub in node.get("allOf", [])]
+    found.append(node.get("properties", {}))
+    props: dict = {}
+    for level in found:
+        for key, sub in level.items():
+            props[key] = {**props.get(key, {}), **sub}
     return props or None
 
 
@@ -116,3 +121,76 @@ def reads(stage: str, key: str) -> bool:
         return stage in stages_of(key)
     except KeyError:
         return False
+
+
+#: text Snakemake hands over for YAML's booleans and null (a profile's ``config:``, nested ``--config``)
+_FLAG_TEXT = {"true": True, "True": True, "false": False, "False": False, "null": None, "None": None}
+
+
+def _node(node: Mapping, root: Mapping) -> Mapping:
+    """``node`` with a local ``$ref`` followed and its ``allOf`` parts merged (one level)."""
+    out: dict = {}
+    if "$ref" in node:
+        target: Any = root
+        for part in node["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        out.update(_node(target, root))
+    for sub in node.get("allOf", []):
+        out.update({k: v for k, v in _node(sub, root).items() if k != "properties"})
+    out.update({k: v for k, v in node.items() if k not in ("$ref", "allOf")})
+    return out
+
+
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+
+
+def _types(node: Mapping) -> set[str]:
+    """The JSON types a schema node allows (from ``type`` or ``enum``); empty when it does not say."""
+    if "enum" in node:
+        return {_JSON_TYPES.get(type(v), "object") for v in node["enum"]}
+    t = node.get("type")
+    return set(t) if isinstance(t, list) else {t} if t else set()
+
+
+def coerce_text(value: Any, node: Mapping, root: Mapping) -> Any:
+    """``value`` with its text leaves given the types the schema ``node`` (of schema ``root``) asks for.
+
+    Snakemake hands nested ``--config`` values, and with them a profile's ``config:``, to the
+    workflow as text (``'8'``, ``'1.5'``, ``'True'``, ``'None'``). Where the schema allows no text, a
+    text leaf is read as YAML and kept when that gives a value of another type; where it allows text
+    and other types (``[string, boolean]``), only YAML's booleans and null are read back. Everything
+    else is left as it is, for the validation to judge."""
+    props = properties(node, root) or {}
+    node = _node(node, root)
+    if isinstance(value, Mapping):
+        extra = node.get("additionalProperties")
+        return {k: coerce_text(v, props.get(k, extra if isinstance(extra, Mapping) else {}), root)
+                for k, v in value.items()}
+    if isinstance(value, list) and isinstance(node.get("items"), Mapping):
+        return [coerce_text(v, node["items"], root) for v in value]
+    if not isinstance(value, str):
+        return value
+    types = _types(node)
+    if not types:
+        return value
+    if "string" in types:
+        if types <= {"string", "null"}:
+            return None if "null" in types and value in ("null", "None") else value
+        return _FLAG_TEXT.get(value, value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return value if isinstance(parsed, str) else parsed
+
+
+def coerce_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted run-config ``overrides`` with their text values typed as :func:`coerce_text` does."""
+    sch = schema()
+    out = {}
+    for key, value in overrides.items():
+        node: Mapping = sch
+        for part in key.split("."):
+            node = (properties(_node(node, sch), sch) or {}).get(part, {})
+        out[key] = coerce_text(value, node, sch)
+    return out

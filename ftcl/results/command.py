@@ -206,39 +206,3 @@ def cmd_table(args: argparse.Namespace) -> int:
     print(f"Ablation table of {experiment} (MLflow store {uri}):\n")
     print(render.to_markdown(render.display_ablation(table), render.table_notes(table)))
     return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``ftcl aggregate`` and ``ftcl table``."""
-    agg = subparsers.add_parser(
-        "aggregate",
-        help="ablation tables, paper comparison, plots and report.html from the run folders",
-        description="Aggregate every row and seed of a pipeline config into results/<experiment>/tables/ "
-        "(ablation, floor and paper-comparison tables as CSV, Markdown and LaTeX), results/<experiment>/plots/ "
-        "and results/<experiment>/report.html, print the ablation table, and log them all as artifacts "
-        "of an MLflow run named 'aggregate'.",
-    )
-    agg.add_argument("--configfile", required=True, help="the pipeline config (e.g. config/config.yaml)")
-    agg.add_argument("--results-dir", default=None, help="results folder (default: the config's results_dir)")
-    agg.add_argument("--allow-missing", action="store_true",
-                     help="skip rows and seeds whose run folder does not exist instead of failing")
-    agg.add_argument("--no-mlflow", action="store_true", help="do not log the outputs to MLflow")
-    agg.set_defaults(func=cmd_aggregate)
-
-    tab = subparsers.add_parser(
-        "table",
-        help="print the ablation table from the MLflow store",
-        description="Print the ablation table of an experiment from the MLflow store alone (stage runs "
-        "tagged ftcl.row and ftcl.seed and not superseded; metrics linear/top1, knn/top1, det/voc07_AP50, ...), "
-        "without reading the results folders.",
-    )
-    tab.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's experiment)")
-    tab.add_argument("--tracking-uri", default=None,
-                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the config's store, "
-                     "else sqlite:///results/mlflow.db)")
-    tab.add_argument("--configfile", default=None,
-                     help="pipeline config for the experiment name, row order and baseline "
-                     "(default: config/config.yaml when it exists)")
-    tab.add_argument("--baseline", default=None,
-                     help="row the deltas refer to (default: the config's baseline, else the first row)")
-    tab.set_defaults(func=cmd_table)

@@ -11,6 +11,7 @@ types it, so `--profile slurm` is the shipped profile (the `slurm` link to workf
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import signal
@@ -76,14 +77,14 @@ def start_snakemake(work: Path, config: Path, out) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C, as a terminal sends it to the process group: each waiting `ftcl submit` cancels its job."""
+    """Ctrl-C, as a terminal sends it to the process group: each waiting `ftcl stage` cancels its job."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
 
 
 def submitted_job_id(rule_log: Path) -> str | None:
-    """The SLURM job id `ftcl submit` wrote to a rule's log ("pretrain: job 42 submitted; ...")."""
+    """The SLURM job id `ftcl stage` wrote to a rule's log ("pretrain: job 42 submitted; ...")."""
     if not rule_log.is_file():
         return None
     found = re.search(r": job (\d+) submitted", rule_log.read_text())
@@ -125,7 +126,7 @@ def test_the_profile_resolves_at_the_repository_root_and_switches_stages_to_slur
     assert (REPO / "slurm" / "profile.yaml").resolve() == REPO / "workflow" / "profiles" / "slurm" / "profile.yaml"
 
 
-def test_settings_in_the_profile_reach_ftcl_submit_with_their_types(tmp_path):
+def test_settings_in_the_profile_reach_ftcl_stage_with_their_types(tmp_path):
     profile = copy.deepcopy(PROFILE)
     profile["config"]["launcher"]["slurm"] = {"partition": "debug", "account": "lab", "cpus_per_task": 2,
                                               "mem_gb": 1.5, "additional_parameters": {"requeue": True}}
@@ -135,7 +136,7 @@ def test_settings_in_the_profile_reach_ftcl_submit_with_their_types(tmp_path):
     proc = run_snakemake(tmp_path, write_config(tmp_path, TINY), "-n", profile=str(tmp_path / "slurm"), timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    # Snakemake hands a profile's config: over as text ('2', '1.5', 'True'); ftcl submit gets YAML values
+    # Snakemake hands a profile's config: over as text ('2', '1.5', 'True'); ftcl stage gets typed values
     pretrain = re.search(r"ftcl stage pretrain --launcher slurm (.*?) --run-dir", out)[1]
     linear = re.search(r"ftcl stage linear --launcher slurm (.*?) --run-dir", out)[1]
     for option in ("'partition=\"debug\"'", "'account=\"lab\"'", "cpus_per_task=2", "mem_gb=1.5",
@@ -253,7 +254,7 @@ def test_an_interrupted_pretraining_is_requeued_and_resumes_from_its_checkpoint_
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < EPOCHS, log
     resumed_at = int(resumed[0])
     if run.how[row] == "USR2":
-        assert "requeueing `ftcl pretrain" in log  # FtclJob.checkpoint(), called by submitit on USR2
+        assert "requeueing pretrain of" in log  # StageJob.checkpoint(), called by submitit on USR2
     else:
         assert "Bypassing signal SIGTERM" in log  # scontrol requeue: SIGTERM, then SIGKILL
     trained = [int(e) for e in re.findall(rf"\[pretrain\] epoch (\d+)/{EPOCHS} loss", log)]
@@ -329,17 +330,17 @@ def test_a_two_gpu_stage_trains_ddp_over_two_tasks_with_gloo_on_the_cpu(slurm_cl
         pytest.skip("the local cluster has fewer than 2 fake GPUs")
     cfg = copy.deepcopy(TINY)
     cfg["launcher"]["name"] = "slurm"
-    # per-stage settings as a pipeline config gives them: 2 GPUs -> 2 tasks (one DDP process per GPU)
-    config = write_config(tmp_path, cfg, slurm={**cluster_settings(slurm_cluster),
-                                                "setup": ["echo visible GPUs: $CUDA_VISIBLE_DEVICES"]},
-                          stages={"pretrain": {"gpus_per_node": 2}})
+    # launcher settings by hand, as -o options: 2 GPUs -> 2 tasks (one DDP process per GPU)
+    settings = {**cluster_settings(slurm_cluster), "gpus_per_node": 2,
+                "setup": ["echo visible GPUs: $CUDA_VISIBLE_DEVICES"]}
+    options = [a for k, v in settings.items() for a in ("-o", f"{k}={json.dumps(v)}")]
     run_config = {**cfg["defaults"], "device": "auto", "experiment": "ddp",
                   "optim": {**cfg["defaults"]["optim"], "epochs": 2},
                   "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config))
     proc = subprocess.run(
-        [str(BIN / "ftcl"), "submit", "--launcher-config", str(config), "--stage", "pretrain", "--job-dir", "jobs",
-         "--log", "pretrain.log", "--", "pretrain", "--config", "run.yaml", "--out", "run"],
+        [str(BIN / "ftcl"), "stage", "pretrain", "--run-dir", "run", "--config", "run.yaml", "--launcher", "slurm",
+         *options, "--job-dir", "jobs", "--log", "pretrain.log"],
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"pretrain: job (\d+) submitted", proc.stderr)[1]
@@ -348,7 +349,9 @@ def test_a_two_gpu_stage_trains_ddp_over_two_tasks_with_gloo_on_the_cpu(slurm_cl
     # CUDA_VISIBLE_DEVICES names the 2 fake GPUs, torch sees none: DDP over gloo on the CPU
     assert "visible GPUs: 0,1" in (tmp_path / "jobs" / f"{job_id}_0_log.out").read_text()
     assert re.search(r"\[pretrain\] moco .* device cpu, world 2, batch 64 = 2 x 32, BN in 1 sub-batch", log), log
-    assert "[pretrain] epoch 2/2" in log and (tmp_path / "run" / "pretrain.json").is_file()
+    assert "[pretrain] epoch 2/2" in log and (tmp_path / "run" / "pretrain" / "pretrain.json").is_file()
+    assert (tmp_path / "run" / "configs" / "pretrain.yaml").read_text().startswith(
+        "# ftcl resolved run config: world 2, ")  # resolved for the processes the launcher gives the job
     assert "global_rank=1(2)" in (tmp_path / "jobs" / f"{job_id}_1_log.out").read_text()  # the second task
     assert slurm_cluster.wait_for_end(job_id) == "COMPLETED"
     [acct] = sacct_rows(job_id, "State", "AllocTRES", "NTasks")

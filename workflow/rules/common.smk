@@ -1,10 +1,12 @@
-# Shared by all .smk files: the run-folder paths and the command lines of the stages. What a row
-# is, each row's resolved run config, and what each stage's result depends on (its rerun trigger)
-# come from ftcl/pipeline.py; how a stage's folder is kept, resumed or moved aside from
-# ftcl/runfolders.py (`ftcl stage`).
+# Shared by the .smk files: run-folder paths and the stage command line. What a row is, each row's
+# resolved run config and what each stage's result depends on (its rerun trigger) come from
+# ftcl/pipeline.py; how a stage's folder is kept, resumed or moved aside and its job submitted from
+# ftcl/orchestrate/ (`ftcl stage`).
 #
-# Every row is checked and resolved here, while Snakemake parses the workflow, so a bad row (unknown
-# key, bad value, repeated name, missing dataset, a folder outside the results) fails before any job.
+# Every row is checked and resolved here, once, while Snakemake parses the workflow (for the process
+# count the launcher gives each stage), so a bad row (unknown key, bad value, a batch the processes
+# or BatchNorm sub-batches cannot share, a repeated name, a missing dataset, a folder outside the
+# results) fails before any job.
 import json
 import os
 import re
@@ -13,12 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from ftcl import launch, pipeline, runfolders
+from ftcl import pipeline
 from ftcl.constants import STAGES
+from ftcl.orchestrate import folders
 
-# Nested --config values, and so a profile's `config:` (--profile slurm), reach the workflow as text
-# ('8', 'True'): the launcher settings get their types back.
-config["launcher"] = launch.settings_from_text(config["launcher"])
 pipeline.check_slurm_profile(sys.argv[1:], os.environ.get("SNAKEMAKE_PROFILE"), workflow.config_settings.config)
 PIPE = pipeline.load(config)
 
@@ -26,7 +26,7 @@ EXP_DIR = str(PIPE.exp_dir)
 RUN_DIR = f"{EXP_DIR}/{{row}}/seed{{seed}}"  # one folder per row and seed
 PIPELINE_CONFIG = f"{EXP_DIR}/pipeline.yaml"
 MLFLOW_EXPERIMENT = f"{EXP_DIR}/mlflow_experiment.txt"
-LAUNCHER = config["launcher"]["name"]
+LAUNCHER = PIPE.config["launcher"]["name"]
 
 
 wildcard_constraints:
@@ -36,7 +36,7 @@ wildcard_constraints:
 
 def stage_done(stage):
     """The marker `ftcl stage` writes when `stage` of a row and seed is done (run-folder contract)."""
-    return str(runfolders.marker_path(RUN_DIR, stage))
+    return str(folders.marker_path(RUN_DIR, stage))
 
 
 def requested_results():
@@ -76,10 +76,10 @@ class Unrecorded:
 
 
 def stage_command(stage):
-    """``ftcl stage STAGE --launcher NAME --option KEY=VALUE ...``, used in the stage rules as
+    """``ftcl stage STAGE --launcher NAME --option KEY=VALUE ...``, used in the stage rule as
     {params.ftcl_stage}. Unrecorded: changing launcher settings (or switching launchers, e.g. with
     --profile slurm) reruns nothing that has finished."""
-    settings = launch.stage_settings(config["launcher"], LAUNCHER, stage)
+    settings = pipeline.stage_settings(PIPE.config["launcher"], LAUNCHER, stage)
     args = [FTCL, "stage", stage, "--launcher", LAUNCHER]
     for key, value in pipeline.runconfig.flatten(settings).items():
         args += ["--option", f"{key}={json.dumps(value)}"]
@@ -90,6 +90,6 @@ FTCL_STAGE = {stage: stage_command(stage) for stage in STAGES}
 # Snakemake threads of a stage: the CPUs its job uses here (local and debug launchers); a job on
 # SLURM uses none of this machine's CPUs.
 THREADS = {
-    stage: config["launcher"].get(LAUNCHER, {}).get("cpus_per_task", 1) if LAUNCHER != "slurm" else 1
+    stage: PIPE.config["launcher"][LAUNCHER].get("cpus_per_task", 1) if LAUNCHER != "slurm" else 1
     for stage in STAGES
 }

@@ -16,7 +16,6 @@ checkpoint); different -> the folder moves to ``.superseded/``, its MLflow run i
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import TextIO
 
 import yaml
 
-from ftcl.constants import EVAL_STAGES, PRETRAIN, RESULT_FILES, RUN_ID_FILE, STAGES
+from ftcl.constants import PRETRAIN, RESULT_FILES, RUN_ID_FILE
 from ftcl.files import write_json
 
 KEY_FILE = ".ftcl_stage.json"
@@ -195,67 +194,3 @@ def note(message: str, log: TextIO | None = None) -> None:
     if log is not None:
         log.write(f"ftcl stage: {message}\n")
         log.flush()
-
-
-# ------------------------------------------------------------------------------------- the command
-def stage_command(stage: str, run_dir: Path) -> list[str]:
-    """The ``ftcl`` sub-command that runs ``stage`` in ``run_dir``."""
-    command = {"pretrain": "pretrain", "linear": "linear", "knn": "knn", "detection": "detect"}[stage]
-    args = [command, "--config", str(config_path(run_dir, stage))]
-    if stage in EVAL_STAGES:
-        args += ["--checkpoint", str(run_dir / PRETRAIN)]
-    return [*args, "--out", str(run_dir / stage)]
-
-
-def run_stage(args: argparse.Namespace) -> int:
-    """``ftcl stage``: write the stage's config, prepare its folder, submit it unless it is done,
-    write its marker."""
-    from ftcl import launch
-
-    run_dir, stage = Path(args.run_dir), args.stage
-    text = Path(args.config_file).read_text() if args.config_file else args.config_text
-    run_cfg = yaml.safe_load(text)
-    config_file = config_path(run_dir, stage)
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(text)
-    log = args.log.open("a") if args.log else None
-    try:
-        prepared = prepare(run_dir, stage, run_cfg, log)
-        if prepared.state == "done":
-            note(f"{stage}: {prepared.folder} already holds this stage's result for these settings; nothing to run",
-                 log)
-        else:
-            if prepared.state == "resume":
-                note(f"{stage}: continuing the unfinished work in {prepared.folder}", log)
-            if log is not None:
-                log.close()
-                log = None
-            status = launch.run_submitted(stage_command(stage, run_dir), args, stage)
-            if status != 0:
-                return status
-            log = args.log.open("a") if args.log else None
-        marker = finish(run_dir, stage, prepared)
-        note(f"{stage}: done -> {marker}", log)
-        return 0
-    finally:
-        if log is not None:
-            log.close()
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``ftcl stage``."""
-    from ftcl.launch import add_submit_options
-
-    p = subparsers.add_parser(
-        "stage", help="run one pipeline stage of a row and seed in its run folder (what the Snakemake rules call)",
-        description="Write RUN_DIR/configs/STAGE.yaml, move RUN_DIR/STAGE/ aside to RUN_DIR/.superseded/ when "
-        "it holds results of other settings, submit the stage (as ftcl submit) unless its result for these "
-        "settings is already there, and write RUN_DIR/STAGE.done.")
-    p.add_argument("stage", choices=STAGES)
-    p.add_argument("--run-dir", type=Path, required=True, help="the row and seed folder, <results>/<exp>/<row>/seed<k>")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config-text", help="the resolved run config (YAML text)")
-    source.add_argument("--config-file", type=Path, help="the resolved run config (a YAML file)")
-    add_submit_options(p)
-    p.set_defaults(func=run_stage)
-
