@@ -30,6 +30,8 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ftcl.tracking.store import default_artifact_root, sqlite_path, tracking_uri
+
 DEFAULT_PORT = 5000
 #: MLflow 3.17 opens an experiment on its GenAI pages unless told otherwise (see :func:`experiment_url`)
 MODE_HINT = ("this link opens the runs table; from MLflow's own experiment list, pick 'Model training' "
@@ -39,26 +41,6 @@ STOP_GRACE_S = 10.0
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def store_uri(tracking_uri: str | None, results_dir: str | Path = "results") -> str:
-    """``tracking_uri`` as given, else ``$MLFLOW_TRACKING_URI``, else the project's sqlite store
-    ``sqlite:///<abs results_dir>/mlflow.db`` (not created here)."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def default_artifact_root(uri: str) -> str | None:
-    """Where new experiments keep artifacts: ``mlartifacts`` beside a sqlite store (the same root
-    :func:`ftcl.tracking.artifact_root` uses), else the server's default."""
-    db = sqlite_path(uri)
-    return str(db.parent / "mlartifacts") if db is not None else None
 
 
 def server_command(uri: str, host: str, port: int, artifact_root: str | None = None) -> list[str]:
@@ -223,7 +205,7 @@ def _tail(path: Path | None, lines: int = 30) -> str:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    uri = store_uri(args.tracking_uri, args.results_dir)
+    uri = tracking_uri(args.tracking_uri, args.results_dir, create=False)
     if uri.startswith(("http://", "https://")):  # already a server with its own UI
         base = uri.rstrip("/")
         try:

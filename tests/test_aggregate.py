@@ -6,7 +6,6 @@ chosen numbers (so means, stds and deltas can be checked by hand) and parquet sc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -104,9 +103,10 @@ def runs(tmp_path: Path) -> tuple[dict, Path]:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftcl")
-    command.register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The command's handler as ``ftcl`` dispatches it (errors propagate, unlike ``ftcl.cli.main``)."""
+    from ftcl.cli import build_parser
+
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -71,7 +71,7 @@ cfg = config.resolve(overrides={"experiment": "concurrency", "tracking.uri": uri
 out.mkdir(parents=True, exist_ok=True)
 (out / "result.txt").write_text(str(i))
 with Tracker(cfg, out, "pretrain") as t:
-    t.log_params(config.flatten(cfg))
+    t.log_params(config.flatten(config.to_dict(cfg)))
     for step in range(20):
         t.log_metrics({"pretrain/loss": 1.0 / (step + 1), "scores/pos_mean": step / 20}, step=step)
     t.log_artifact(out / "result.txt", "score_distribution")
