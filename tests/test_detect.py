@@ -20,7 +20,8 @@ from ftcl import config
 from ftcl.checkpoint import FORMAT, CheckpointError, atomic_save
 from ftcl.config import ConfigError
 from ftcl.config.types import Detection
-from ftcl.data import detection as ddata
+from ftcl.detection import data as ddata
+from ftcl.detection import scenes
 from ftcl.detection.metrics import evaluate_detections, voc07_ap, voc_precision_recall
 from ftcl.detection.model import AlignedRoIAlign, backbone_weights, build_detector
 from ftcl.detection.norm import BatchLayout, VirtualSyncBatchNorm2d, feature_extent
@@ -271,10 +272,10 @@ def digit_items(n: int = 60) -> list[tuple[torch.Tensor, int]]:
 
 
 def test_composed_scenes_are_deterministic_valid_voc_and_reused(tmp_path):
-    spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=4, seed=3)
+    spec = scenes.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=4, seed=3)
     classes = [str(k) for k in range(10)]
-    first = ddata.compose_scenes(digit_items(), classes, tmp_path / "a", spec)
-    second = ddata.compose_scenes(digit_items(), classes, tmp_path / "b", spec)
+    first = scenes.compose_scenes(digit_items(), classes, tmp_path / "a", spec)
+    second = scenes.compose_scenes(digit_items(), classes, tmp_path / "b", spec)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert len(files) == 2 * (8 + 4) + 2 + 1
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
@@ -287,10 +288,10 @@ def test_composed_scenes_are_deterministic_valid_voc_and_reused(tmp_path):
     assert (boxes[:, 2:] > boxes[:, :2]).all() and set(ddata.discover_classes(train + test)) <= set(classes)
 
     stamp = (first / "scenes.json").stat().st_mtime_ns
-    ddata.compose_scenes(digit_items(), classes, first, spec)
+    scenes.compose_scenes(digit_items(), classes, first, spec)
     assert (first / "scenes.json").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="other settings|not composed with these settings"):
-        ddata.compose_scenes(digit_items(), classes, first, ddata.SceneSpec(canvas=64))
+        scenes.compose_scenes(digit_items(), classes, first, scenes.SceneSpec(canvas=64))
 
 
 # ------------------------------------------------------------------ (iii) fine-tuning learns
@@ -351,9 +352,9 @@ class Preempted(Exception):
 
 @pytest.mark.parametrize("norm", ["frozen", "sync"])
 def test_interrupted_finetune_resumes_exactly_and_ignores_a_stale_checkpoint(tmp_path, one_torch_thread, norm):
-    spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=2, seed=3)
+    spec = scenes.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=8, num_test=2, seed=3)
     classes = [str(k) for k in range(10)]
-    root = ddata.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
+    root = scenes.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
     data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
     det = small_settings(min_size=[48], max_size=48, batch_size=2, iterations=6, warmup_iterations=2,
                          milestones=[5], num_workers=0, log_every=1, checkpoint_every=2, lr_per_16=0.05)
@@ -634,9 +635,9 @@ def test_update_bn_stats_averages_batch_statistics_and_leaves_weights_alone():
 
 @pytest.mark.parametrize("norm", ["train", "sync"])
 def test_precise_bn_recomputes_the_detectors_statistics_over_training_batches(tmp_path, one_torch_thread, norm):
-    spec = ddata.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=6, num_test=2, seed=3)
+    spec = scenes.SceneSpec(canvas=48, items=(2, 3), item_size=(12, 18), noise=0.1, num_train=6, num_test=2, seed=3)
     classes = [str(k) for k in range(10)]
-    root = ddata.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
+    root = scenes.compose_scenes(digit_items(), classes, tmp_path / "scenes", spec)
     data = ddata.DetectionDataset(ddata.voc_devkit_annotations(root, [("2007", "trainval")]), classes)
     det = small_settings(min_size=[32, 48], max_size=48, batch_size=4, iterations=1, num_workers=0,
                          precise_bn_iterations=3)  # two scales: pairs of unequal canvases in a batch padded to 64

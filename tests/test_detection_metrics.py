@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftcl.data import detection as ddata
+from ftcl.detection import data as ddata
 from ftcl.detection.metrics import (
     METRICS,
     VOC_IOU_THRESHOLDS,

@@ -5,7 +5,7 @@ Inputs, one mapping per test image (array-likes; CPU tensors work too):
 * ``targets[i]``: ``boxes`` (N, 4) xyxy, ``labels`` (N,) in 1..C, ``difficult`` (N,) bool;
 * ``predictions[i]``: ``boxes`` (M, 4) xyxy, ``scores`` (M,), ``labels`` (M,) in 1..C.
 
-Boxes are in ftcl's continuous 0-based convention (:mod:`ftcl.data.detection`): a VOC box with
+Boxes are in ftcl's continuous 0-based convention (:mod:`ftcl.detection.data`): a VOC box with
 1-based inclusive pixel indices ``(X1, Y1, X2, Y2)`` is stored as ``(X1 - 1, Y1 - 1, X2, Y2)``, as
 Detectron2's VOC loader stores it. All results are percent; means are over the classes that have
 at least one (non-difficult) box.

@@ -31,8 +31,9 @@ from ftcl import checkpoint as ckpt
 from ftcl import config, runtime
 from ftcl.config import ConfigError, RunConfig
 from ftcl.config.types import Detection, to_dict
-from ftcl.data import detection as ddata
 from ftcl.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from ftcl.detection import data as ddata
+from ftcl.detection import scenes
 from ftcl.detection.metrics import DEFINITIONS, METRICS, evaluate_detections
 from ftcl.detection.model import build_detector
 from ftcl.detection.train import base_lr, precise_bn, predict, train_detector
@@ -79,9 +80,9 @@ def build_detection_data(cfg: RunConfig, out: str | Path) -> DetectionData:
         source = build_dataset(cfg.data, "test", "eval")
         classes = classes or [str(k) for k in range(source.num_classes)]
         folder = Path(det.scenes.folder or Path(out) / "scenes")
-        ddata.compose_scenes(source, classes, folder, ddata.SceneSpec.from_section(det.scenes))
-        train = ddata.voc_devkit_annotations(folder, [(ddata.SCENES_YEAR, "trainval")])
-        test = ddata.voc_devkit_annotations(folder, [(ddata.SCENES_YEAR, "test")])
+        scenes.compose_scenes(source, classes, folder, scenes.SceneSpec.from_section(det.scenes))
+        train = ddata.voc_devkit_annotations(folder, [(scenes.SCENES_YEAR, "trainval")])
+        test = ddata.voc_devkit_annotations(folder, [(scenes.SCENES_YEAR, "test")])
         if det.init != "supervised":
             mean, std = _rgb(source.mean), _rgb(source.std)
     elif kind == "coco":

@@ -26,7 +26,7 @@ from torchvision.models.detection import FasterRCNN
 
 from ftcl import checkpoint as ckpt
 from ftcl.config.types import Detection
-from ftcl.data import detection as ddata
+from ftcl.detection import data as ddata
 from ftcl.detection.norm import IMAGES_PER_GPU, group_sizes
 
 #: OUT/checkpoints/last.pt while fine-tuning runs; 3: batches of same-orientation pairs (:func:`_draws`), so a
