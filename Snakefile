@@ -14,7 +14,7 @@ if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
-# The config is checked once, by ftcl/pipeline.py in workflow/rules/common.smk, against the schema
+# The config is checked once, by ftcl/pipeline/ in workflow/rules/common.smk, against the schema
 # workflow/schemas/config.schema.yaml links to, after values Snakemake hands over as text (a profile's
 # config:) get their types back, with messages that name the row and the key.
 

@@ -159,7 +159,14 @@ def test_checkpoint_resubmits_the_same_stage():
     assert delayed.function is stage_job and (stage_job.stage, stage_job.run_dir) == ("pretrain", "run")
 
 
-def test_slurm_settings_of_a_stage_become_sbatch_parameters(tmp_path):
+def test_slurm_settings_of_a_stage_become_sbatch_parameters(tmp_path, monkeypatch):
+    # submitit's SLURM executor only looks for `srun` on PATH when built; nothing is submitted here
+    # (tests/slurm submits to a real cluster), so a stand-in lets this run on a machine without SLURM
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     section = pipeline.launcher_settings("slurm", {
         "partition": "gpu", "account": "lab", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32,
         "timeout_min": 60, "additional_parameters": {"requeue": True}})
@@ -167,7 +174,8 @@ def test_slurm_settings_of_a_stage_become_sbatch_parameters(tmp_path):
     executor = launcher.make_executor("slurm", tmp_path, pipeline.stage_settings(section, "slurm", "pretrain"))
     params = executor._executor.parameters
     assert (params["partition"], params["account"], params["gpus_per_node"], params["ntasks_per_node"],
-            params["time"], params["mem"], params["requeue"]) == ("gpu", "lab", 4, 4, 2880, "32GB", True)
+            params["time"], params["mem"], params["cpus_per_task"], params["additional_parameters"]) == (
+        "gpu", "lab", 4, 4, 2880, "32GB", 8, {"requeue": True})  # one DDP process per GPU
     linear = pipeline.stage_settings(section, "slurm", "linear")
     assert (linear["gpus_per_node"], linear["timeout_min"]) == (1, 60)
 

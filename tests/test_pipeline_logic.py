@@ -1,4 +1,4 @@
-"""The pipeline's logic without Snakemake (ftcl/pipeline.py, ftcl/folders.py): every run-config key
+"""The pipeline's logic without Snakemake (ftcl/pipeline/, ftcl/orchestrate/folders.py): every run-config key
 belongs to the stages that read it, digests follow those stages only, rows and grids are checked,
 no folder escapes the results folder, and a stage's earlier work is kept, resumed or moved aside."""
 

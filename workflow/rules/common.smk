@@ -1,6 +1,6 @@
 # Shared by the .smk files: run-folder paths and the stage command line. What a row is, each row's
 # resolved run config and what each stage's result depends on (its rerun trigger) come from
-# ftcl/pipeline.py; how a stage's folder is kept, resumed or moved aside and its job submitted from
+# ftcl/pipeline/; how a stage's folder is kept, resumed or moved aside and its job submitted from
 # ftcl/orchestrate/ (`ftcl stage`).
 #
 # Every row is checked and resolved here, once, while Snakemake parses the workflow (for the process
