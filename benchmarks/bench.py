@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ftcl import config
+from ftcl.methods import build_method
+from ftcl.models.backbones import build_backbone
 from ftcl.results.stats import goal_verdict, ratio_interval
 from ftcl.scores import ScoreRecorder, histogram_range
 from ftcl.train import TrainStep
@@ -82,7 +84,10 @@ def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: to
     for name, (overrides, record) in variants.items():
         cfg = config.resolve(overrides={**base, **overrides})
         torch.manual_seed(0)
-        step = TrainStep.build(cfg, data, device, config.batch_layout(cfg))
+        layout = config.batch_layout(cfg)
+        m = cfg.model
+        method = build_method(cfg, build_backbone(m.backbone, m.width, m.small_stem, data.channels), layout.bn_splits)
+        step = TrainStep.build(method, data, device, layout, cfg.augment, cfg.optim, cfg.method.momentum)
         recorder = ScoreRecorder(steps, 1, [0], cfg.scores.histogram_every, cfg.scores.bins, device, cfg.scores.rows,
                                  histogram_range(cfg.scores.range, cfg.ft.positive)) if record else None
         runners[name] = (step, recorder)

@@ -27,12 +27,16 @@ BIN = Path(sys.executable).parent
 def loading_vs_step(cfg: dict, batches: int = 8) -> dict[str, float]:
     """images/s of the data path alone (loader + two views) and of the full training step."""
     from ftcl.config import batch_layout
+    from ftcl.methods import build_method
+    from ftcl.models.backbones import build_backbone
     from ftcl.train import TrainStep, _loader, preflight
 
     device = torch.device("cpu")
     data = preflight(cfg)
     loader = _loader(data, cfg.data.num_workers, batch_layout(cfg), device, 0)
-    step = TrainStep.build(cfg, data, device, batch_layout(cfg))
+    layout, m = batch_layout(cfg), cfg.model
+    method = build_method(cfg, build_backbone(m.backbone, m.width, m.small_stem, data.channels), layout.bn_splits)
+    step = TrainStep.build(method, data, device, layout, cfg.augment, cfg.optim, cfg.method.momentum)
     bs = cfg.optim.batch_size
 
     t0, n = time.perf_counter(), 0

@@ -6,7 +6,9 @@ data, the checkpoint), opens the stage's MLflow run, does the work and writes th
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +87,14 @@ def detect(cfg: RunConfig, checkpoint: str | Path | None, out: str | Path) -> di
     return run_detection(cfg, checkpoint, out)
 
 
-def run(stage: str, cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """``stage`` of a pipeline run folder ``<results>/<experiment>/<row>/seed<k>``: it works in
-    ``run_dir/<stage>`` and reads the pretraining in ``run_dir/pretrain``."""
+def in_run_folder(stage: str, run_dir: str | Path) -> Callable[[RunConfig], dict[str, Any]]:
+    """The function a pipeline job calls with its resolved config for ``stage`` of the run folder
+    ``<results>/<experiment>/<row>/seed<k>``: it works in ``run_dir/<stage>`` and reads the pretraining
+    in ``run_dir/pretrain``."""
     run_dir = Path(run_dir)
     out, checkpoint = run_dir / stage, run_dir / PRETRAIN
     if stage == PRETRAIN:
-        return pretrain(cfg, out)
+        return functools.partial(pretrain, out=out)
     if stage == DETECTION:
-        return detect(cfg, checkpoint, out)
-    return evaluate(stage, cfg, checkpoint, out)
+        return functools.partial(detect, checkpoint=checkpoint, out=out)
+    return functools.partial(evaluate, stage, checkpoint=checkpoint, out=out)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ftcl import checkpoint as ckpt
 from ftcl import runtime
 from ftcl.config import BatchLayout, RunConfig, batch_layout, dump, flatten, load_yaml, to_dict
+from ftcl.config.types import Augment, Optim
 from ftcl.data.datasets import build_dataset
 from ftcl.data.views import TwoViews
 from ftcl.errors import ConfigError, NonFiniteLossError
@@ -75,34 +76,31 @@ class TrainStep:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
     @classmethod
-    def build(cls, cfg: RunConfig, data, device: torch.device, layout: BatchLayout,
-              gpu_path_on_cpu: bool = False) -> TrainStep:
-        """Method, optimiser and views for ``cfg`` on ``device``; ``data`` gives size, channels, mean,
-        std; ``layout``: the batch's spread over processes and BatchNorm sub-batches.
+    def build(cls, method: Method, data, device: torch.device, layout: BatchLayout, augment: Augment, optim: Optim,
+              ema_momentum: float, gpu_path_on_cpu: bool = False) -> TrainStep:
+        """The step around ``method`` on ``device``: its views (``augment``; ``data`` gives size, channels,
+        mean, std), SGD (``optim``), DDP when ``layout`` spans processes, ``torch.compile``.
 
         ``optim.amp`` (bf16 autocast) and ``optim.channels_last`` apply on CUDA only;
         ``gpu_path_on_cpu`` applies them on the CPU too (tests of the GPU code path)."""
-        o, m = cfg.optim, cfg.model
-        views = TwoViews(cfg.augment.preset, data.image_size, data.channels, data.mean, data.std,
-                         cfg.augment.crop_scale, data.crops_on_device).to(device)
-        backbone = build_backbone(m.backbone, m.width, m.small_stem, data.channels)
-        method = build_method(cfg, backbone, layout.bn_splits, num_classes=getattr(data, "num_classes", None))
+        views = TwoViews(augment.preset, data.image_size, data.channels, data.mean, data.std,
+                         augment.crop_scale, data.crops_on_device).to(device)
         method = method.to(device)
         gpu_path = device.type == "cuda" or gpu_path_on_cpu
-        channels_last = o.channels_last and gpu_path
+        channels_last = optim.channels_last and gpu_path
         if channels_last:
             method = method.to(memory_format=torch.channels_last)
         params = [p for p in method.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay)
         model: torch.nn.Module = method
         if layout.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 method, device_ids=[device.index] if device.type == "cuda" else None)
-        if o.compile:  # in place: state-dict keys stay those of the plain modules
+        if optim.compile:  # in place: state-dict keys stay those of the plain modules
             for module in method.children():
                 if any(True for _ in module.parameters()):
                     module.compile()
-        return cls(method, model, optimizer, views, cfg.method.momentum, o.amp and gpu_path, channels_last)
+        return cls(method, model, optimizer, views, ema_momentum, optim.amp and gpu_path, channels_last)
 
     def __call__(self, images: torch.Tensor, epoch: int, lr: float, labels: torch.Tensor | None = None) -> StepOutput:
         """One step on a uint8 batch; ``labels`` reach the method only when it needs them."""
@@ -199,7 +197,10 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = Non
     layout = batch_layout(cfg, world)  # checked for this world when the config was resolved
     loader = _loader(data, cfg.data.num_workers, layout, device, cfg.seed)
     iters = len(loader)
-    step = TrainStep.build(cfg, data, device, layout)
+    m = cfg.model
+    method = build_method(cfg, build_backbone(m.backbone, m.width, m.small_stem, data.channels), layout.bn_splits,
+                          num_classes=getattr(data, "num_classes", None))
+    step = TrainStep.build(method, data, device, layout, cfg.augment, cfg.optim, cfg.method.momentum)
     method, optimizer = step.method, step.optimizer
     o = cfg.optim
 

@@ -6,9 +6,11 @@ import os
 
 import pytest
 import torch
+from helpers import make_backbone
 
 from ftcl import config
 from ftcl.config import batch_layout
+from ftcl.methods import build_method
 from ftcl.scores import ScoreRecorder, histogram_range
 from ftcl.train import TrainStep
 
@@ -26,7 +28,10 @@ def build(gpu_path: bool, **overrides):
                                     "ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate",
                                     **overrides})
     torch.manual_seed(0)
-    return cfg, TrainStep.build(cfg, Digits(), torch.device("cpu"), batch_layout(cfg), gpu_path_on_cpu=gpu_path)
+    layout = batch_layout(cfg)
+    method = build_method(cfg, make_backbone(cfg), layout.bn_splits)
+    return cfg, TrainStep.build(method, Digits(), torch.device("cpu"), layout, cfg.augment, cfg.optim,
+                                cfg.method.momentum, gpu_path_on_cpu=gpu_path)
 
 
 def images(n=16, seed=0):
@@ -111,7 +116,9 @@ def test_the_gpu_path_on_cuda_trains_with_bf16_channels_last_and_split_bn():
                                     "optim.channels_last": True, "ft.positive.mode": "extrapolate",
                                     "ft.negative.mode": "interpolate"})
     torch.manual_seed(0)
-    step = TrainStep.build(cfg, Digits(), torch.device("cuda"), batch_layout(cfg))
+    layout = batch_layout(cfg)
+    method = build_method(cfg, make_backbone(cfg), layout.bn_splits)
+    step = TrainStep.build(method, Digits(), torch.device("cuda"), layout, cfg.augment, cfg.optim, cfg.method.momentum)
     assert step.channels_last and step.method.bn_splits == 8
     batch = images(256).cuda()
     outs = [step(batch, 0, 0.03) for _ in range(5)]

@@ -8,7 +8,7 @@ for these settings is already there, waits for it, and writes ``<run>/<stage>.do
 :class:`StageJob` is what runs in the job (a submitit ``Checkpointable``: requeued as it is on
 preemption or time-out, and the stage resumes from its checkpoint): it reads the resolved config,
 checks only its digest and that the job has the processes the config was checked for, and runs the
-stage (:func:`ftcl.stages.run`).
+stage (:func:`ftcl.stages.in_run_folder`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class StageJob(submitit.helpers.Checkpointable):
             if actual != world:
                 raise ConfigError(f"{self.stage}: the job has {actual} process(es), but its config was checked for "
                                   f"{world}: plan again with the launcher settings the job runs with")
-            stages.run(self.stage, cfg, self.run_dir)
+            stages.in_run_folder(self.stage, self.run_dir)(cfg)
         except USER_ERRORS as err:  # a message for the user, not a traceback
             raise launcher.StageFailed(f"{type(err).__name__}: {err}") from None
         return 0
