@@ -4,6 +4,9 @@
     python docs/generate.py --check   # exit 1 (naming the file) when one is out of date
 
 - docs/PROTOCOLS.md: the protocol tables, from docs/protocols.yaml (between the ``protocols`` markers).
+- docs/CONFIGURATION.md: every key of the pipeline config and of the run config, from the two schemas'
+  descriptions, types, bounds and defaults (``ftcl/resources/{pipeline,config}.schema.yaml``,
+  ``ftcl/resources/defaults.yaml``) and the stages each run-config key reruns (``x-stages``).
 """
 
 from __future__ import annotations
@@ -83,10 +86,93 @@ def replace_generated(doc: str, source: str, body: str) -> str:
     return f"{head}{begin}\n\n{body.strip()}\n\n{END}{rest.partition(END)[2]}"
 
 
+CONFIG_DOC = DOCS / "CONFIGURATION.md"
+_BOUNDS = (("minimum", ">= {}"), ("exclusiveMinimum", "> {}"), ("maximum", "<= {}"), ("exclusiveMaximum", "< {}"))
+
+
+def _allowed(node: dict) -> str:
+    """What a schema node accepts, in words: its enum, or its types with their bounds."""
+    if "enum" in node:
+        return " | ".join(f"`{_value(v)}`" for v in node["enum"])
+    types = node.get("type", "")
+    text = " or ".join(types) if isinstance(types, list) else str(types)
+    if types == "array" or "array" in types:
+        items = node.get("items") if isinstance(node.get("items"), dict) else {}
+        inner = _allowed(items) if items else ""
+        size = (f"{node['minItems']}" if node.get("minItems") == node.get("maxItems") and "minItems" in node
+                else "")
+        text = text.replace("array", f"list{' of ' + size if size else ''}{' (' + inner + ')' if inner else ''}")
+    bounds = [fmt.format(node[k]) for k, fmt in _BOUNDS if k in node]
+    return text + (f", {', '.join(bounds)}" if bounds else "")
+
+
+def schema_keys(root: dict, node: dict, prefix: str = "") -> list[tuple[str, dict]]:
+    """``(dotted key, merged schema node)`` of every leaf under ``node`` (``$ref`` and ``allOf`` followed;
+    objects with free-form keys, e.g. tags, are leaves), in the schema's order."""
+    from ftcl.config.schema import merged_node, properties
+
+    out = []
+    for key, raw in (properties(node, root) or {}).items():
+        sub, name = merged_node(raw, root), f"{prefix}{key}"
+        items = sub.get("items") if isinstance(sub.get("items"), dict) else {}
+        if properties(raw, root) and sub.get("additionalProperties") is False:
+            out.append((name, {**sub, "_section": True}))
+            out += schema_keys(root, raw, f"{name}.")
+        elif properties(items, root):  # a list of objects (the ablation rows)
+            out.append((name, sub))
+            out += schema_keys(root, items, f"{name}[].")
+        else:
+            out.append((name, sub))
+    return out
+
+
+def config_reference() -> str:
+    """docs/CONFIGURATION.md's generated part: one table per top-level section of each schema."""
+    from ftcl.config import defaults, flatten
+    from ftcl.config.schema import schema, stages_of
+    from ftcl.pipeline import schema as pipeline_schema
+
+    run_defaults = flatten(defaults())
+    out = ["## The pipeline config", "",
+           "The file given to `snakemake --configfile` (default `config/config.yaml`).", ""]
+    pipe = pipeline_schema()
+    out += ["| key | accepted | default | description |", "|---|---|---|---|"]
+    for key, node in schema_keys(pipe, pipe):
+        if node.get("_section"):
+            continue
+        default = f"`{_value(node['default'])}`" if "default" in node else ""
+        out.append("| " + " | ".join(_cell(c) for c in (f"`{key}`", _allowed(node), default,
+                                                           node.get("description", ""))) + " |")
+    run = schema()
+    out += ["", "## The run config", "",
+            "What `defaults` and each row's `overrides` set, and what `ftcl pretrain --config` reads. "
+            "*Reruns*: the pipeline stages whose results depend on the key; changing it reruns them "
+            "(and what reads their results) and nothing else.", ""]
+    current = None
+    for key, node in schema_keys(run, run):
+        top = key.split(".")[0]
+        if top != current:
+            current = top
+            section = run["properties"][top]
+            out += ["", f"### `{top}`", ""]
+            if section.get("description") and node.get("_section"):
+                out += [section["description"], ""]
+            out += ["| key | accepted | default | reruns | description |", "|---|---|---|---|---|"]
+        if node.get("_section"):
+            continue
+        default = f"`{_value(run_defaults[key])}`" if key in run_defaults else ""
+        reruns = ", ".join(stages_of(key)) or "nothing"
+        out.append("| " + " | ".join(_cell(c) for c in (f"`{key}`", _allowed(node), default, reruns,
+                                                           node.get("description", ""))) + " |")
+    return "\n".join(out) + "\n"
+
+
 def generated() -> dict[Path, str]:
     """Every generated file with the text it should hold."""
     doc = PROTOCOLS_DOC.read_text()
-    return {PROTOCOLS_DOC: replace_generated(doc, "docs/protocols.yaml", protocol_tables(load_protocols()))}
+    config_doc = CONFIG_DOC.read_text()
+    return {PROTOCOLS_DOC: replace_generated(doc, "docs/protocols.yaml", protocol_tables(load_protocols())),
+            CONFIG_DOC: replace_generated(config_doc, "ftcl/resources/*.schema.yaml", config_reference())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,16 +127,16 @@ def reads(stage: str, key: str) -> bool:
 _FLAG_TEXT = {"true": True, "True": True, "false": False, "False": False, "null": None, "None": None}
 
 
-def _node(node: Mapping, root: Mapping) -> Mapping:
+def merged_node(node: Mapping, root: Mapping) -> Mapping:
     """``node`` with a local ``$ref`` followed and its ``allOf`` parts merged (one level)."""
     out: dict = {}
     if "$ref" in node:
         target: Any = root
         for part in node["$ref"].lstrip("#/").split("/"):
             target = target[part]
-        out.update(_node(target, root))
+        out.update(merged_node(target, root))
     for sub in node.get("allOf", []):
-        out.update({k: v for k, v in _node(sub, root).items() if k != "properties"})
+        out.update({k: v for k, v in merged_node(sub, root).items() if k != "properties"})
     out.update({k: v for k, v in node.items() if k not in ("$ref", "allOf")})
     return out
 
@@ -161,7 +161,7 @@ def coerce_text(value: Any, node: Mapping, root: Mapping) -> Any:
     and other types (``[string, boolean]``), only YAML's booleans and null are read back. Everything
     else is left as it is, for the validation to judge."""
     props = properties(node, root) or {}
-    node = _node(node, root)
+    node = merged_node(node, root)
     if isinstance(value, Mapping):
         extra = node.get("additionalProperties")
         return {k: coerce_text(v, props.get(k, extra if isinstance(extra, Mapping) else {}), root)
@@ -191,6 +191,6 @@ def coerce_dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in overrides.items():
         node: Mapping = sch
         for part in key.split("."):
-            node = (properties(_node(node, sch), sch) or {}).get(part, {})
+            node = (properties(merged_node(node, sch), sch) or {}).get(part, {})
         out[key] = coerce_text(value, node, sch)
     return out
