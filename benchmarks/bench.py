@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/bench.py                 # CPU demo model (what CI sees)
     .venv/bin/python benchmarks/bench.py --gpu           # ResNet-50, 224 px, K=65536, bf16, on one GPU
 
+Each section writes what it printed, with the date, machine, commit and command, to
+``benchmarks/results/<section>[-gpu].md`` and its numbers to ``.json`` (``benchmarks/record.py``).
+
 Section "methods": training images/s of plain MoCo, MoCo + FT, MoCo + FT + score recording,
 MoCo with one BatchNorm instead of the split BatchNorm a single process uses, MoCo + FA, MoCo + HSG
 (one pair per view, and the demo row's setting: a quarter of the batch, width-8 generators), BYOL
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from record import run_recorded
 
 from ftcl import config
 from ftcl.methods import build_method
@@ -134,37 +138,53 @@ def main() -> None:
                              "a plain torchvision pipeline, benchmarks/jpeg.py, ~2 min)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    suffix = "-gpu" if args.gpu else ""
     if "methods" in sections:
-        bench_methods_section(args)
+        run_recorded(f"methods{suffix}", lambda: bench_methods_section(args))
     if "loading" in sections and not args.gpu:
-        from orchestration import loading_vs_step
-
-        cfg = config.resolve(overrides={**CPU_MODEL, "data.dataset": "fashion-mnist", "data.train_subset": 4096,
-                                        "tracking.enabled": False})
-        r = loading_vs_step(cfg)
-        print(f"\n# loading: Fashion-MNIST in memory, crops and views batched on the device\n"
-              f"data path {r['loading_images_per_s']:.0f} images/s, training step {r['step_images_per_s']:.0f} "
-              f"images/s: loader/step = {r['ratio']:.1f} (> 1: the loader is not the bottleneck)")
+        run_recorded("loading", loading_section)
     if "orchestration" in sections:
-        from orchestration import orchestration_overhead
-
-        r = orchestration_overhead()
-        print(f"\n# orchestration: config/tiny.yaml, {r['stages']} stages + aggregate\n"
-              f"snakemake -c1 + submitit local + MLflow {r['pipeline_s']:.1f} s, same ftcl commands direct "
-              f"{r['direct_s']:.1f} s: ratio {r['ratio']:.2f}, overhead {r['overhead_per_stage_s']:.1f} s per stage")
+        run_recorded(f"orchestration{suffix}", orchestration_section)
     if "demo" in sections:
-        from orchestration import demo_dag
-
-        r = demo_dag()
-        print(f"\n# demo DAG: snakemake -c2 on config/config.yaml ({r['rows_x_seeds']} rows x seeds): "
-              f"{r['seconds']:.0f} s\n{r['table']}")
+        run_recorded(f"demo{suffix}", demo_section)
     if "jpeg" in sections:
         from jpeg import jpeg_section
 
-        jpeg_section()
+        run_recorded(f"jpeg{suffix}", jpeg_section)
 
 
-def bench_methods_section(args: argparse.Namespace) -> None:
+def loading_section() -> dict:
+    from orchestration import loading_vs_step
+
+    cfg = config.resolve(overrides={**CPU_MODEL, "data.dataset": "fashion-mnist", "data.train_subset": 4096,
+                                    "tracking.enabled": False})
+    r = loading_vs_step(cfg)
+    print(f"# loading: Fashion-MNIST in memory, crops and views batched on the device\n"
+          f"data path {r['loading_images_per_s']:.0f} images/s, training step {r['step_images_per_s']:.0f} "
+          f"images/s: loader/step = {r['ratio']:.1f} (> 1: the loader is not the bottleneck)")
+    return r
+
+
+def orchestration_section() -> dict:
+    from orchestration import orchestration_overhead
+
+    r = orchestration_overhead()
+    print(f"# orchestration: config/tiny.yaml, {r['stages']} stages + aggregate\n"
+          f"snakemake -c1 + submitit local + MLflow {r['pipeline_s']:.1f} s, same ftcl commands direct "
+          f"{r['direct_s']:.1f} s: ratio {r['ratio']:.2f}, overhead {r['overhead_per_stage_s']:.1f} s per stage")
+    return r
+
+
+def demo_section() -> dict:
+    from orchestration import demo_dag
+
+    r = demo_dag()
+    print(f"# demo DAG: snakemake -c2 on config/config.yaml ({r['rows_x_seeds']} rows x seeds): "
+          f"{r['seconds']:.0f} s\n{r['table']}")
+    return r
+
+
+def bench_methods_section(args: argparse.Namespace) -> dict:
 
     if args.gpu:
         if not torch.cuda.is_available():
@@ -204,6 +224,8 @@ def bench_methods_section(args: argparse.Namespace) -> None:
         if name in goals:
             goal = f">= {goals[name]}: {goal_verdict(low, high, goals[name])} (lower bound {low:.3f})"
         print(f"{name:<18}{r['images_per_s']:>11.1f}  {f'{mean:.3f} [{low:.3f}, {high:.3f}]':<26}{goal}")
+    return {name: {"images_per_s": r["images_per_s"], "ratio_to_moco": ratio_interval(r["ratios"])
+                   if name != "moco" else [1.0, 1.0, 1.0]} for name, r in results.items()}
 
 if __name__ == "__main__":
     main()
