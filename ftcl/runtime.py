@@ -3,7 +3,7 @@ and the thread and algorithm pins of ``deterministic``. Pretraining, evaluation 
 this module, not each other.
 
 **Determinism** (``deterministic: {enabled: true, threads: N}``): what makes two runs of the same row
-and seed differ (measured, README "Reproducibility"): on one machine with the same number
+and seed differ (measured, docs/RESULTS.md "Reproducibility"): on one machine with the same number
 of CPU threads, ftcl's CPU stages are already bit-identical (every random draw is seeded, in-memory
 data has no loader workers); a different thread count changes the order of floating-point
 reductions, and so the numbers; another CPU (instruction set, oneDNN kernels) or a GPU's

@@ -99,7 +99,7 @@ def test_compiled_encoders_trace_and_train_a_few_steps(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FTCL_TEST_INDUCTOR") != "1", reason="set FTCL_TEST_INDUCTOR=1: 9 minutes of C++ "
-                    "code generation on 2 cores with an empty inductor cache (README)")
+                    "code generation on 2 cores with an empty inductor cache (docs/TESTING.md)")
 @pytest.mark.timeout(3600)
 def test_inductor_compiled_encoders_train_a_few_steps(monkeypatch):
     losses = _compiled_steps(monkeypatch, None)

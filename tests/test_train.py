@@ -142,10 +142,10 @@ def _backbone_bytes(folder: Path) -> bytes:
 
 @pytest.mark.slow
 def test_same_seed_and_thread_count_rerun_bit_identically_and_deterministic_pins_the_threads(tmp_path):
-    """What README "Reproducibility" states: one machine, same threads -> identical; the thread count
+    """What docs/RESULTS.md "Reproducibility" states: one machine, same threads -> identical; the thread count
     changes the numbers; ``deterministic.enabled`` fixes it whatever the launcher's cpus_per_task.
 
-    Whether 2 threads give other bytes than 1 depends on the CPU's kernels (README measured it on one
+    Whether 2 threads give other bytes than 1 depends on the CPU's kernels (docs/RESULTS.md: measured on one
     machine), so that is printed, not asserted; the pin is checked on the thread count each run
     trained with (torch's, read as the process exits), and on the bytes against the 1-thread run."""
     sets = ["--set", "data.dataset=digits", "model.width=8", "model.small_stem=true", "method.queue_size=128",
