@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install ftcl into ./.venv (and, when run as root, the Debian packages it uses).
 #   bash install.sh           # Python package + Fashion-MNIST
-#   FTCL_TEST_DEPS=1 bash install.sh   # also what the test suite needs (SLURM, chromium)
+#   FTCL_TEST_DEPS=1 bash install.sh   # also what the test suite needs (chromium; tests/slurm/cluster.sh brings up SLURM)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}

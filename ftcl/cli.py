@@ -14,12 +14,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ftcl.constants import DETECTION, PRETRAIN, RESULTS_DIR, STAGES
+from ftcl.constants import DETECTION, LAUNCHERS, PRETRAIN, RESULTS_DIR, STAGES
 
 CONFIG_HELP = "run config YAML (keys: docs/CONFIGURATION.md); defaults fill the rest"
 SET_HELP = ("override config keys, e.g. --set optim.epochs=10 ft.positive.mode=extrapolate "
             "(each value parsed as YAML; repeatable)")
-LAUNCHERS = ("local", "debug", "slurm")  # the launcher schema's names (tests/test_cli.py checks they agree)
 
 
 # ------------------------------------------------------------------------------------------- stages

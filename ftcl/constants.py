@@ -11,6 +11,8 @@ EVAL_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != PRETRAIN)
 RESULT_FILES: dict[str, str] = {stage: f"{stage}.json" for stage in STAGES}
 #: where a stage's folder keeps its MLflow run id, so a requeued job continues the same run
 RUN_ID_FILE = ".mlflow_run_id"
+#: how stages are submitted (the pipeline schema's ``launcher.name``; tests/test_launch.py checks they agree)
+LAUNCHERS: tuple[str, ...] = ("local", "debug", "slurm")
 #: the default root of every output (run folders, tables, plots, logs, the MLflow store)
 RESULTS_DIR = "results"
 

@@ -207,6 +207,10 @@ def test_a_multi_task_job_exports_the_torch_distributed_environment(monkeypatch)
 
 def test_the_cli_knows_the_launchers_the_schema_does():
     from ftcl import cli
+    from ftcl.constants import LAUNCHERS
 
-    assert set(cli.LAUNCHERS) == set(pipeline.schema()["properties"]["launcher"]["properties"]["name"]["enum"])
+    stage_parser = cli.build_parser()._subparsers._group_actions[0].choices["stage"]
+    launcher_choices = next(a.choices for a in stage_parser._actions if a.dest == "launcher")
+    assert set(launcher_choices) == set(LAUNCHERS)
+    assert set(LAUNCHERS) == set(pipeline.schema()["properties"]["launcher"]["properties"]["name"]["enum"])
     assert folders.marker_path("r", "knn") == Path("r") / "knn.done"

@@ -29,7 +29,6 @@ import submitit
 from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError, pickle_load
 from submitit.local.debug import DebugJob
 
-LAUNCHERS = ("local", "debug", "slurm")
 #: slurm settings that are not submitit generic parameters: passed on as ``slurm_<key>``
 _SLURM_SPECIFIC = ("partition", "account", "qos", "constraint", "exclude", "array_parallelism",
                    "signal_delay_s", "additional_parameters", "setup")

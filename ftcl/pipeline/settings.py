@@ -70,5 +70,5 @@ def check_slurm_profile(argv: Sequence[str], env_profile: str | None, config_set
             "did not reach the workflow: a --config given on the command line replaces the profile's whole "
             "`config:` entry, so stages would run on this host or without your cluster settings. Put those "
             "--config values in the profile's `config:` (slurm/profile.yaml) instead, or give the launcher "
-            "settings in --config too, e.g. launcher='{name: slurm, slurm: {partition: gpu}}' (README.md, SLURM)."
+            "settings in --config too, e.g. launcher='{name: slurm, slurm: {partition: gpu}}' (docs/SLURM.md)."
         )
