@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -226,3 +227,23 @@ def test_experiments_say_they_are_model_training(store):
     chosen = client.create_experiment("kind-chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
     get_or_create_experiment(client, "kind-chosen", None)
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_opening_a_store_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """A pipeline started after a store was opened in the same process follows $MLFLOW_TRACKING_URI
+    where the pipeline config sets no uri; opening a store must not set it."""
+    from ftcl.tracking.store import open_client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_aggregation_logs_to_the_store_the_pipeline_gave_its_stages(tmp_path, monkeypatch):
+    from ftcl import pipeline
+    from ftcl.results.command import pipeline_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    pipe = pipeline.load({"experiment": "e", "results_dir": str(tmp_path / "results"),
+                          "ablations": [{"name": "a", "baseline": True}]}, resolve_runs=False)
+    assert pipeline_tracking_uri(pipe) == f"sqlite:///{(tmp_path / 'results' / 'mlflow.db').resolve()}"

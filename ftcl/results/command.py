@@ -85,10 +85,12 @@ def run_aggregate(pipe, results_dir: str | Path | None = None, *, allow_missing:
 
 
 def pipeline_tracking_uri(pipe, results_dir: str | Path | None = None) -> str:
-    """``tracking.uri`` of the pipeline config, else ``sqlite:///<abs results_dir>/mlflow.db``."""
+    """``tracking.uri`` of the pipeline config, else ``sqlite:///<abs results_dir>/mlflow.db``: the store
+    the pipeline gave its stages (:func:`ftcl.pipeline.load`), whatever ``$MLFLOW_TRACKING_URI`` says."""
     from ftcl.tracking import tracking_uri
 
-    return tracking_uri(pipe.config["tracking"]["uri"], Path(results_dir) if results_dir else pipe.results_dir)
+    return tracking_uri(pipe.config["tracking"]["uri"], Path(results_dir) if results_dir else pipe.results_dir,
+                        environment=False)
 
 
 def log_aggregate_run(pipe, results_dir: str | Path | None, exp_dir: Path, configfile: str | Path | None = None) -> str:

@@ -46,10 +46,12 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {status}")
 
 
-def tracking_uri(uri: str | None, results_dir: str | Path = RESULTS_DIR, create: bool = True) -> str:
-    """``uri`` as given, else ``$MLFLOW_TRACKING_URI``, else the project's sqlite store under
-    ``results_dir`` (an absolute path; the folder is created unless ``create`` is false)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+def tracking_uri(uri: str | None, results_dir: str | Path = RESULTS_DIR, create: bool = True,
+                 environment: bool = True) -> str:
+    """``uri`` as given, else ``$MLFLOW_TRACKING_URI`` (unless ``environment`` is false), else the
+    project's sqlite store under ``results_dir`` (an absolute path; the folder is created unless
+    ``create`` is false)."""
+    uri = uri or (os.environ.get("MLFLOW_TRACKING_URI") if environment else None)
     if uri:
         return uri
     results = Path(results_dir).resolve()
@@ -72,10 +74,10 @@ def open_client(uri: str):
     since several jobs creating the same new database at once race on its tables."""
     import fcntl
 
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
+    # no mlflow.set_tracking_uri: it exports $MLFLOW_TRACKING_URI, which every later store lookup in
+    # this process and every child process (a pipeline started from here) would then follow
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
     db = Path(uri.removeprefix("sqlite:///"))
