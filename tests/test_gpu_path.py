@@ -89,6 +89,7 @@ def _compiled_steps(monkeypatch, backend: str | None) -> list[float]:
     return [float(step(images(seed=i), 0, 0.01).loss) for i in range(3)]
 
 
+@pytest.mark.slow
 def test_compiled_encoders_trace_and_train_a_few_steps(monkeypatch):
     """optim.compile through TorchDynamo and AOTAutograd (graph capture, backward graphs, the state
     dict), with the aot_eager backend so that it fits CI; inductor's code generation is what

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -71,6 +72,7 @@ def _reference():
             "gen_grad": [p.grad for p in method.hsg.gen_b.parameters()]}
 
 
+@pytest.mark.slow
 def test_generated_keys_are_shuffled_across_processes_with_gradients(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     mp.spawn(_child, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=WORLD, join=True)

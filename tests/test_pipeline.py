@@ -17,6 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
+#: every test here starts Snakemake (a DAG run, a dry run or the linter): the slow tier
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())

@@ -28,6 +28,7 @@ def sets(overrides: dict) -> list[str]:
 # --- crash safety --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_always_resumes_from_a_complete_checkpoint(tmp_path):
     epochs = 5
     cmd = [sys.executable, "-m", "ftcl.cli", "pretrain", "--out", str(tmp_path),
@@ -78,6 +79,7 @@ with Tracker(cfg, out, "pretrain") as t:
 """
 
 
+@pytest.mark.slow
 def test_eight_stages_logging_at_once_lose_nothing(tmp_path):
     from mlflow.tracking import MlflowClient
 

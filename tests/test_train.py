@@ -30,6 +30,7 @@ def small_fmnist(tmp_path: Path, **extra) -> config.RunConfig:
     })
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist (apt-get install it)")
 def test_short_pretraining_learns_features_well_above_chance(tmp_path):
     cfg = small_fmnist(tmp_path, **{"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"})
@@ -55,6 +56,7 @@ def _pretrain_cmd(out: Path, epochs: int) -> list[str]:
             *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_epochs(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_pretrain_cmd(tmp_path, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -95,6 +97,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert after["epoch"] == good["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_ddp_with_torchrun_trains_two_processes_into_one_run(tmp_path):
     """optim.batch_size is the whole job's batch: 2 processes x 32 for 64, and the lr of batch 64."""
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -114,6 +114,7 @@ def mlflow_runs(results: Path, experiment: str) -> dict[tuple[str | None, str | 
 # --------------------------------------------------------------------------- the profile (no cluster)
 
 
+@pytest.mark.slow
 def test_the_profile_resolves_at_the_repository_root_and_switches_stages_to_slurm(tmp_path):
     config = write_config(tmp_path, TINY)  # launcher.name: local
     proc = run_snakemake(tmp_path, config, "-n", timeout=120)
@@ -126,6 +127,7 @@ def test_the_profile_resolves_at_the_repository_root_and_switches_stages_to_slur
     assert (REPO / "slurm" / "profile.yaml").resolve() == REPO / "workflow" / "profiles" / "slurm" / "profile.yaml"
 
 
+@pytest.mark.slow
 def test_settings_in_the_profile_reach_ftcl_stage_with_their_types(tmp_path):
     profile = copy.deepcopy(PROFILE)
     profile["config"]["launcher"]["slurm"] = {"partition": "debug", "account": "lab", "cpus_per_task": 2,
@@ -146,6 +148,7 @@ def test_settings_in_the_profile_reach_ftcl_stage_with_their_types(tmp_path):
     assert "gpus_per_node=2" not in linear
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline_launcher", ["local", "slurm"])
 def test_a_command_line_config_that_replaces_the_profiles_config_stops_the_pipeline(tmp_path, pipeline_launcher):
     cfg = copy.deepcopy(TINY)
