@@ -260,9 +260,21 @@ def _bad_grid_key(cfg, tmp):
     return ["ablation row '+g[alpah=1]'", "'ft.positive.alpah'"]
 
 
+def _bn_splits_not_dividing_the_batch(cfg, tmp):
+    cfg["ablations"][1]["overrides"]["method.bn_splits"] = 3
+    return ["ablation row '+ft'", "'method.bn_splits' is 3", "does not divide the per-process batch"]
+
+
+def _a_slurm_world_that_cannot_share_the_batch(cfg, tmp):
+    # checked for the processes the SLURM job would get, on the host that plans: before anything is queued
+    cfg["launcher"] = {**cfg["launcher"], "name": "slurm", "stages": {"pretrain": {"gpus_per_node": 3}}}
+    return ["'optim.batch_size'", "3 processes cannot share equally"]
+
+
 @pytest.mark.parametrize("breaks", [_unknown_key, _duplicate_name, _missing_dataset_root, _bad_value,
                                     _pipeline_key_in_a_row, _two_baselines, _compare_to_an_unknown_row,
-                                    _unknown_launcher_setting, _experiment_outside_the_results, _bad_grid_key],
+                                    _unknown_launcher_setting, _experiment_outside_the_results, _bad_grid_key,
+                                    _bn_splits_not_dividing_the_batch, _a_slurm_world_that_cannot_share_the_batch],
                          ids=lambda f: f.__name__.strip("_"))
 def test_a_bad_config_fails_before_any_job_naming_the_row_and_key(tmp_path, breaks):
     cfg = copy.deepcopy(TINY)
