@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: stage -> {key in its result file (RESULT_FILES): column of the collected frame}
 STAGE_METRICS: dict[str, dict[str, str]] = {
+    # the last epoch's mean positive and negative scores the loss saw (absent with scores off or 0 epochs)
+    "pretrain": {"scores/pos_mean": "scores_pos", "scores/neg_mean": "scores_neg"},
     "linear": {"top1": "linear_top1", "top5": "linear_top5", "top1_last": "linear_top1_last",
                "top1_best": "linear_top1_best"},
     "knn": {"top1": "knn_top1", "top5": "knn_top5"},
@@ -35,6 +37,8 @@ STAGE_METRICS: dict[str, dict[str, str]] = {
 METRIC_COLUMNS: list[str] = [col for cols in STAGE_METRICS.values() for col in cols.values()]
 #: MLflow metric name (tracking contract) -> column of the collected frame
 MLFLOW_METRICS: dict[str, str] = {
+    "scores/pos_mean": "scores_pos",
+    "scores/neg_mean": "scores_neg",
     "linear/top1": "linear_top1",
     "linear/top5": "linear_top5",
     "linear/top1_last": "linear_top1_last",
