@@ -24,3 +24,5 @@ TAG_SUPERSEDED = "ftcl.superseded"
 #: ``ftcl.stage`` of a row x seed parent run and of the aggregation run
 PARENT_STAGE = "parent"
 AGGREGATE_STAGE = "aggregate"
+#: ``ftcl.stage`` of a row run: one top-level run per ablation row, its row x seed parent runs nested under it
+ROW_STAGE = "row"

@@ -1,6 +1,7 @@
-"""Row x seed parent runs as the rows' comparison in MLflow: the row's overrides as params, the latest
-headline result of each stage as metrics, nothing from superseded stage runs; and experiments that
-say they are model training (``mlflow.experimentKind``). Stages are stood in for by ``Tracker``s
+"""Row runs and row x seed parent runs as the rows' comparison in MLflow: one top-level run per row
+with the seed parents nested under it, the row's overrides as params, the latest headline result of
+each stage as metrics, nothing from superseded stage runs; and experiments that say they are model
+training (``mlflow.experimentKind``). Stages are stood in for by ``Tracker``s
 that log what the real stages log (no training), on one sqlite store for the whole module."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import os
 import time
 
 import pytest
+from mlflow.entities import Param
 
 from ftcl import config
-from ftcl.constants import PARENT_STAGE, TAG_ROW, TAG_SEED, TAG_STAGE, TAG_SUPERSEDED
+from ftcl.constants import PARENT_STAGE, ROW_STAGE, TAG_ROW, TAG_SEED, TAG_STAGE, TAG_SUPERSEDED
 from ftcl.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -55,6 +57,17 @@ def parents(client, experiment: str, superseded: bool = False) -> list:
 
 def the_parent(client, experiment: str):
     (run,) = parents(client, experiment)
+    return run
+
+
+def row_runs(client, experiment: str, superseded: bool = False) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_STAGE}` = '{ROW_STAGE}'")
+    return [r for r in runs if (TAG_SUPERSEDED in r.data.tags) == superseded]
+
+
+def the_row_run(client, experiment: str):
+    (run,) = row_runs(client, experiment)
     return run
 
 
@@ -210,8 +223,116 @@ def test_parents_created_at_once_end_as_one(store, tmp_path):
     finally:
         del client.create_run
     assert kept == rival[0]
-    (parent,) = client.search_runs([exp_id])  # the newer one is deleted
+    (parent,) = parents(client, "race")  # the newer one is deleted
     assert parent.info.run_id == kept and parent.data.params == {"seed": "0", **FT}
+    assert len(client.search_runs([exp_id])) == 2  # the parent and its row run
+
+
+def test_seed_parents_nest_under_one_row_run_holding_the_row_overrides(store, tmp_path):
+    """The runs table's top level: one run per row, named after it, its description the row's and its
+    params the row's overrides; every seed's parent run nested under it, the stage runs under those."""
+    uri, client = store
+    for seed in (0, 1):
+        cfg = run_cfg(uri, "rows", FT, seed=seed)
+        stage(cfg, tmp_path / f"seed{seed}" / "pretrain", "pretrain")
+        stage(cfg, tmp_path / f"seed{seed}" / "linear", "linear", {"linear/top1": 40.0 + seed}, step=2)
+    stage(run_cfg(uri, "rows", {}, row="moco_v2"), tmp_path / "base", "pretrain")
+    rows = {r.data.tags[TAG_ROW]: r for r in row_runs(client, "rows")}
+    assert set(rows) == {"+ft", "moco_v2"}
+    ft = rows["+ft"]
+    assert ft.info.run_name == "+ft" and ft.data.tags[TAG_STAGE] == ROW_STAGE == "row"
+    assert PARENT_RUN_TAG not in ft.data.tags and TAG_SEED not in ft.data.tags  # top level, no seed
+    assert ft.data.params == FT and rows["moco_v2"].data.params == {}
+    assert "row +ft" in ft.data.tags["mlflow.note.content"]  # the row's description
+    assert ft.info.status == "FINISHED"  # no stage of the row runs any more
+    by_seed = {p.data.tags[TAG_SEED]: p for p in parents(client, "rows") if p.data.tags[TAG_ROW] == "+ft"}
+    assert {s: p.data.tags[PARENT_RUN_TAG] for s, p in by_seed.items()} == {"0": ft.info.run_id, "1": ft.info.run_id}
+    (base,) = [p for p in parents(client, "rows") if p.data.tags[TAG_ROW] == "moco_v2"]
+    assert base.data.tags[PARENT_RUN_TAG] == rows["moco_v2"].info.run_id
+
+    # while a stage of the row runs, its row run shows RUNNING too
+    running = Tracker(run_cfg(uri, "rows", FT, seed=1), tmp_path / "seed1" / "knn", "knn")
+    assert the_row_run_of(client, "rows", "+ft").info.status == "RUNNING"
+    running.finish()
+    assert the_row_run_of(client, "rows", "+ft").info.status == "FINISHED"
+
+
+def the_row_run_of(client, experiment: str, row: str):
+    (run,) = [r for r in row_runs(client, experiment) if r.data.tags[TAG_ROW] == row]
+    return run
+
+
+def test_changed_overrides_supersede_the_row_run_and_new_seed_parents_nest_under_the_new_one(store, tmp_path):
+    uri, client = store
+    for seed in (0, 1):
+        stage(run_cfg(uri, "row-changed", FT, seed=seed), tmp_path / f"seed{seed}" / "pretrain", "pretrain")
+    old = the_row_run(client, "row-changed")
+
+    # a key added to the row: the same row run gets the new param
+    more = {**FT, "eval.knn.k": 20}
+    stage(run_cfg(uri, "row-changed", more, seed=0), tmp_path / "seed0" / "knn", "knn")
+    assert the_row_run(client, "row-changed").info.run_id == old.info.run_id
+    assert the_row_run(client, "row-changed").data.params == {**FT, "eval.knn.k": "20"}
+
+    # a value changed: the row run is superseded (kept, renamed) and a new one takes the new seed parents
+    changed = {**more, "ft.negative.mode": "none"}
+    stage(run_cfg(uri, "row-changed", changed, seed=0), tmp_path / "seed0" / "pretrain-2", "pretrain")
+    new = the_row_run(client, "row-changed")
+    (gone,) = row_runs(client, "row-changed", superseded=True)
+    assert gone.info.run_id == old.info.run_id and gone.info.run_name == "+ft (superseded)"
+    assert "ft.negative.mode ('interpolate' -> 'none')" in gone.data.tags["ftcl.superseded_reason"]
+    assert new.info.run_id != old.info.run_id and new.info.run_name == "+ft"
+    assert new.data.params == {**FT, "eval.knn.k": "20", "ft.negative.mode": "none"}
+    under = {(p.data.tags[TAG_SEED], TAG_SUPERSEDED in p.data.tags): p.data.tags[PARENT_RUN_TAG]
+             for p in [*parents(client, "row-changed"), *parents(client, "row-changed", superseded=True)]}
+    # seed 1 has not run under the new settings yet: its parent stays with the old row run
+    assert under == {("0", False): new.info.run_id, ("0", True): old.info.run_id, ("1", False): old.info.run_id}
+
+    # seed 1's stage under the new settings: its new parent nests under the new row run, no third row run
+    stage(run_cfg(uri, "row-changed", changed, seed=1), tmp_path / "seed1" / "pretrain-2", "pretrain")
+    assert the_row_run(client, "row-changed").info.run_id == new.info.run_id
+    current = {p.data.tags[TAG_SEED]: p.data.tags[PARENT_RUN_TAG] for p in parents(client, "row-changed")}
+    assert current == {"0": new.info.run_id, "1": new.info.run_id}
+    assert len(row_runs(client, "row-changed", superseded=True)) == 1
+    assert client.get_run(old.info.run_id).info.lifecycle_stage == "active"  # never deleted
+
+
+def test_row_runs_created_at_once_end_as_one(store):
+    """Two stages (seeds) of a row that find no row run both create one: the older is kept, the
+    newer deleted, and both seed parents nest under the one kept."""
+    uri, client = store
+    exp_id = get_or_create_experiment(client, "row-race", None)
+    rival: list[str] = []
+    real_create = client.create_run
+
+    def create_run(experiment_id, **kwargs):  # another seed's stage creates the row run just before
+        if not rival and kwargs.get("tags", {}).get(TAG_STAGE) == ROW_STAGE:
+            rival.append(real_create(experiment_id, **kwargs).info.run_id)
+            time.sleep(0.01)  # a millisecond clock: the rival is the older one
+        return real_create(experiment_id, **kwargs)
+
+    client.create_run = create_run
+    try:
+        first = ensure_parent_run(client, exp_id, "+ft", 0, {}, params={"seed": "0", **FT})
+    finally:
+        del client.create_run
+    second = ensure_parent_run(client, exp_id, "+ft", 1, {}, params={"seed": "1", **FT})
+    (row,) = row_runs(client, "row-race")  # the newer one is deleted
+    assert row.info.run_id == rival[0] and row.data.params == FT
+    assert {client.get_run(p).data.tags[PARENT_RUN_TAG] for p in (first, second)} == {row.info.run_id}
+
+
+def test_a_seed_parent_from_before_row_runs_nests_under_the_row_run(store, tmp_path):
+    """A store written before row runs existed: the first stage of the row that starts now gives the
+    row its row run and moves the seed parent, kept as it is, under it."""
+    uri, client = store
+    exp_id = get_or_create_experiment(client, "old-store", None)
+    old = client.create_run(exp_id, run_name="+ft · seed 0", tags={TAG_ROW: "+ft", TAG_SEED: "0",
+                                                                   TAG_STAGE: PARENT_STAGE})
+    client.log_batch(old.info.run_id, params=[Param(k, v) for k, v in {"seed": "0", **FT}.items()])
+    stage(run_cfg(uri, "old-store", FT), tmp_path / "knn", "knn", {"knn/top1": 38.5})
+    assert the_parent(client, "old-store").info.run_id == old.info.run_id
+    assert client.get_run(old.info.run_id).data.tags[PARENT_RUN_TAG] == the_row_run(client, "old-store").info.run_id
 
 
 def test_experiments_say_they_are_model_training(store):

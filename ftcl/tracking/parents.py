@@ -1,9 +1,12 @@
-"""Row x seed parent runs: what rows are compared on in the MLflow UI.
+"""Row runs and row x seed parent runs: what rows are compared on in the MLflow UI.
 
-Each parent run (``<row> · seed <k>``) holds the row's overrides as params (``tracking.tags.overrides``,
-JSON) and, as metrics, the latest headline result of its stages (:data:`HEADLINE_METRICS`), which a
-stage's ``log_metrics`` also logs to the parent (at step 0, so the value logged last is the one shown).
-A superseded stage run (``ftcl.superseded``) feeds its parent nothing.
+Each row has one top-level **row run** (named after the row, ``ftcl.stage: row``) holding the row's
+overrides as params; ``ftcl aggregate`` gives it the ablation table's numbers as metrics
+(:mod:`ftcl.tracking.rows`). Under it, each **parent run** (``<row> · seed <k>``) holds ``seed`` and the
+row's overrides as params (``tracking.tags.overrides``, JSON) and, as metrics, the latest headline
+result of its stages (:data:`HEADLINE_METRICS`), which a stage's ``log_metrics`` also logs to the parent
+(at step 0, so the value logged last is the one shown). A superseded stage run (``ftcl.superseded``)
+feeds its parent nothing. Stage runs nest under their parent run (``mlflow.parentRunId``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ftcl.constants import PARENT_STAGE, TAG_ROW, TAG_SEED, TAG_STAGE, TAG_SUPERSEDED
+from ftcl.constants import PARENT_STAGE, ROW_STAGE, TAG_ROW, TAG_SEED, TAG_STAGE, TAG_SUPERSEDED
 from ftcl.errors import TrackingError
 from ftcl.tracking.store import retry
 
@@ -36,17 +39,23 @@ def parent_run_name(row: str, seed: int | str) -> str:
     return f"{row} · seed {seed}"
 
 
-def parent_params(cfg: Mapping, seed: int | str, overrides: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """The params of a row x seed parent run: ``seed`` and each of the row's ``overrides`` (dotted
-    run-config keys), valued as the run config has them (as :meth:`Tracker.log_params` writes
-    values); None without ``overrides`` (then a parent's params are left as they are)."""
+def row_params(cfg: Mapping, overrides: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The params of a row run: each of the row's ``overrides`` (dotted run-config keys), valued as
+    the run config has them (as :meth:`Tracker.log_params` writes values); None without
+    ``overrides`` (then a run's params are left as they are)."""
     if overrides is None:
         return None
     from ftcl.config import flatten
 
     flat = flatten(cfg)
     wanted = flatten(overrides)  # a nested override ({"ft": {"positive": ...}}) counts key by key
-    return {"seed": str(seed), **{k: str(flat.get(k, v))[:6000] for k, v in wanted.items()}}
+    return {k: str(flat.get(k, v))[:6000] for k, v in wanted.items()}
+
+
+def parent_params(cfg: Mapping, seed: int | str, overrides: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The params of a row x seed parent run: ``seed`` and the row run's (:func:`row_params`)."""
+    params = row_params(cfg, overrides)
+    return None if params is None else {"seed": str(seed), **params}
 
 
 def parse_overrides(text: Any) -> dict[str, Any]:
@@ -64,6 +73,14 @@ def _parents(client, experiment_id: str, row: str, seed: int | str) -> list:
     """The row x seed parent runs that are not superseded, oldest first (ties: by run id)."""
     query = (f"tags.`{TAG_ROW}` = '{row}' and tags.`{TAG_SEED}` = '{seed}' and "
              f"tags.`{TAG_STAGE}` = '{PARENT_STAGE}'")
+    found = retry(client.search_runs, [experiment_id], filter_string=query, max_results=1000)
+    runs = [r for r in found if TAG_SUPERSEDED not in r.data.tags]
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def _row_runs(client, experiment_id: str, row: str) -> list:
+    """The row runs of ``row`` that are not superseded, oldest first (ties: by run id)."""
+    query = f"tags.`{TAG_ROW}` = '{row}' and tags.`{TAG_STAGE}` = '{ROW_STAGE}'"
     found = retry(client.search_runs, [experiment_id], filter_string=query, max_results=1000)
     runs = [r for r in found if TAG_SUPERSEDED not in r.data.tags]
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
@@ -99,39 +116,90 @@ def log_parent_metrics(client, parent_id: str, metrics: Mapping[str, float]) -> 
         retry(client.log_batch, parent_id, metrics=batch)
 
 
-def ensure_parent_run(client, experiment_id: str, row: str, seed: int | str, tags: Mapping[str, Any] = (),
-                      params: Mapping[str, str] | None = None, stage: str | None = None) -> str:
-    """The id of the parent run of ``row`` x ``seed``, created (with ``tags`` and ``params``) when
-    there is none. An existing parent gets the ``params`` it lacks. One whose params ``params``
-    would change (MLflow cannot change a param) is superseded: tagged ``ftcl.superseded``, renamed
-    ``... (superseded)``, and replaced by a new parent that takes along its stage runs that are not
-    superseded (but ``stage``'s, which is starting a new run) and their headline metrics.
+def row_run_description(row: str, experiment: str | None, lead: str | None = None) -> str:
+    """The MLflow description (``mlflow.note.content``, Markdown) of a row run: the row and its
+    experiment, the row's description (``tracking.tags.description``: its text and overrides), and
+    what its metrics are."""
+    lines = [f"**{row}**" + (f" · experiment `{experiment}`" if experiment else ""), ""]
+    if lead:
+        lines += [str(lead), ""]
+    lines.append("One run per seed is nested below. Metrics (set by `ftcl aggregate`, the numbers of its "
+                 "ablation table): `<metric>/mean`, `/std`, `/n` over seeds, and `/delta`, `/delta_low`, "
+                 "`/delta_high`: the paired difference to the reference row with its 95 % interval.")
+    return "\n".join(lines)[:5000]
+
+
+def ensure_row_run(client, experiment_id: str, row: str, tags: Mapping[str, Any] = (),
+                   params: Mapping[str, str] | None = None, supersede: bool = True) -> str:
+    """The id of the row run of ``row`` (named ``row``, tagged ``ftcl.row`` and ``ftcl.stage: row``),
+    created (with ``tags`` and ``params``) when there is none. An existing one gets the ``params`` it
+    lacks; with ``supersede``, one whose params ``params`` would change is superseded (tagged
+    ``ftcl.superseded``, renamed ``... (superseded)``, never deleted) and replaced by a new one: the
+    seed parent runs created from then on nest under the new one.
 
     Stages starting at once may each create one: the oldest is kept, the others deleted."""
+    kept, _, superseded = _get_or_create(client, experiment_id, lambda: _row_runs(client, experiment_id, row), row,
+                                         {TAG_ROW: str(row), TAG_STAGE: ROW_STAGE}, tags, params, supersede)
+    if superseded is not None:  # ended unless a seed parent under it still runs (its stage ends it then)
+        close_row_run(client, experiment_id, superseded.info.run_id)
+    return kept
+
+
+def _get_or_create(client, experiment_id: str, search, name: str, own_tags: Mapping[str, str],
+                   tags: Mapping[str, Any], params: Mapping[str, str] | None,
+                   supersede: bool = True) -> tuple[str, Any, Any]:
+    """Get or create the one current run ``search()`` finds (oldest first): ``(id of the run kept,
+    that run as read from the store or None when it is the one created here, the run superseded or
+    None)``.
+
+    A run found whose params ``params`` would change (MLflow cannot change a param) is superseded
+    (``supersede``) and a new one created; several jobs creating one at once each keep the oldest
+    and delete their own."""
     tags = {k: str(v) for k, v in dict(tags).items()}
-    found = _parents(client, experiment_id, row, seed)
+    found = search()
     if found:
-        parent = found[0]
-        stale = [] if params is None else _stale_params(parent, params)
+        current = found[0]
+        stale = [] if params is None or not supersede else _stale_params(current, params)
         if not stale:
-            if params is not None and _log_params(client, parent.info.run_id, params, parent.data.params) \
+            if params is not None and _log_params(client, current.info.run_id, params, current.data.params) \
                     and NOTE_TAG in tags:  # new overrides: the description lists them too
-                retry(client.set_tag, parent.info.run_id, NOTE_TAG, tags[NOTE_TAG])
-            return parent.info.run_id
-        _supersede_parent(client, parent, f"row settings changed: {', '.join(stale)}")
-    run = retry(client.create_run, experiment_id, run_name=parent_run_name(row, seed),
-                 tags={TAG_ROW: str(row), TAG_SEED: str(seed), TAG_STAGE: PARENT_STAGE, **tags})
+                retry(client.set_tag, current.info.run_id, NOTE_TAG, tags[NOTE_TAG])
+            return current.info.run_id, current, None
+        _supersede_parent(client, current, f"row settings changed: {', '.join(stale)}")
+    run = retry(client.create_run, experiment_id, run_name=name, tags={**own_tags, **tags})
     mine = run.info.run_id
     if params:
         _log_params(client, mine, params, {})
-    now = _parents(client, experiment_id, row, seed)  # another stage may have created one too
+    now = search()  # another stage may have created one too
     kept = now[0].info.run_id if now else mine
     if kept != mine:
         retry(client.delete_run, mine)
         if params is not None:
             _log_params(client, kept, params, now[0].data.params)
-    if found:  # the superseded parent's stage runs move to the one kept
-        _adopt_children(client, experiment_id, found[0].info.run_id, kept, stage)
+    return kept, (now[0] if now and kept != mine else None), (found[0] if found else None)
+
+
+def ensure_parent_run(client, experiment_id: str, row: str, seed: int | str, tags: Mapping[str, Any] = (),
+                      params: Mapping[str, str] | None = None, stage: str | None = None,
+                      row_tags: Mapping[str, Any] = ()) -> str:
+    """The id of the parent run of ``row`` x ``seed``, created (with ``tags`` and ``params``) when
+    there is none, nested under the row's current row run (:func:`ensure_row_run`, created with
+    ``row_tags`` and ``params`` but ``seed`` when there is none). An existing parent gets the
+    ``params`` it lacks, and moves under the current row run. One whose params ``params`` would
+    change (MLflow cannot change a param) is superseded: tagged ``ftcl.superseded``, renamed
+    ``... (superseded)``, and replaced by a new parent that takes along its stage runs that are not
+    superseded (but ``stage``'s, which is starting a new run) and their headline metrics.
+
+    Stages starting at once may each create one: the oldest is kept, the others deleted."""
+    row_id = ensure_row_run(client, experiment_id, row, row_tags,
+                            None if params is None else {k: v for k, v in params.items() if k != "seed"})
+    kept, current, superseded = _get_or_create(
+        client, experiment_id, lambda: _parents(client, experiment_id, row, seed), parent_run_name(row, seed),
+        {TAG_ROW: str(row), TAG_SEED: str(seed), TAG_STAGE: PARENT_STAGE, PARENT_RUN_TAG: row_id}, tags, params)
+    if current is not None and current.data.tags.get(PARENT_RUN_TAG) != row_id:
+        retry(client.set_tag, kept, PARENT_RUN_TAG, row_id)  # a parent from before row runs, or a lost race
+    if superseded is not None:  # the superseded parent's stage runs move to the one kept
+        _adopt_children(client, experiment_id, superseded.info.run_id, kept, stage)
     return kept
 
 
@@ -217,3 +285,24 @@ def close_parent_run(client, experiment_id: str, parent_id: str) -> None:
         return
     status = next((s for s in ("FAILED", "KILLED") if s in states), "FINISHED")
     retry(client.set_terminated, parent_id, status=status)
+
+
+def close_row_run(client, experiment_id: str, row_id: str) -> None:
+    """End a row run once none of its seed parent runs is RUNNING, in the state of its current
+    (not superseded) ones: FAILED when one failed, else KILLED when one was interrupted, else
+    FINISHED. Each stage calls it after closing its parent run; so does ``ftcl aggregate``."""
+    children = retry(client.search_runs, [experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{row_id}'",
+                      max_results=1000)
+    if {"RUNNING", "SCHEDULED"} & {run.info.status for run in children}:
+        return
+    states = {run.info.status for run in children if TAG_SUPERSEDED not in run.data.tags}
+    status = next((s for s in ("FAILED", "KILLED") if s in states), "FINISHED")
+    retry(client.set_terminated, row_id, status=status)
+
+
+def row_run_of(client, parent_id: str) -> str | None:
+    """The row run a parent run is nested under (None for a parent from before row runs)."""
+    row_id = retry(client.get_run, parent_id).data.tags.get(PARENT_RUN_TAG)
+    if row_id and retry(client.get_run, row_id).data.tags.get(TAG_STAGE) == ROW_STAGE:
+        return row_id
+    return None

@@ -1,5 +1,6 @@
 """One stage's MLflow run (:class:`Tracker`): created, or continued after a requeue or restart (its id
-is in ``<out>/.mlflow_run_id``), nested under its row x seed parent run, closed with the stage."""
+is in ``<out>/.mlflow_run_id``), nested under its row x seed parent run (itself under the row's row
+run), closed with the stage."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from ftcl.tracking.parents import (
     NOTE_TAG,
     PARENT_RUN_TAG,
     close_parent_run,
+    close_row_run,
     ensure_parent_run,
     headline_of,
     log_parent_metrics,
     parent_params,
     parse_overrides,
+    row_run_description,
+    row_run_of,
     run_description,
 )
 from ftcl.tracking.store import (
@@ -86,7 +90,9 @@ class Tracker:
             parent = ensure_parent_run(self.client, exp_id, row, seed, {
                 "ftcl.git_commit": system_tags["ftcl.git_commit"], "ftcl.launcher": system_tags["ftcl.launcher"],
                 NOTE_TAG: run_description(to_dict(self.cfg), row, seed, lead)},
-                params=parent_params(to_dict(self.cfg), seed, overrides), stage=self.stage)
+                params=parent_params(to_dict(self.cfg), seed, overrides), stage=self.stage,
+                row_tags={"ftcl.git_commit": system_tags["ftcl.git_commit"],
+                          NOTE_TAG: row_run_description(row, self.cfg.experiment, lead)})
             self.parent_run_id = parent  # a row x seed parent run, kept by the stages (not one given)
             self._parent_running()
         if parent:
@@ -145,10 +151,13 @@ class Tracker:
             self._set_tags(self.run_id, {k: str(v) for k, v in tags.items()})
 
     def _parent_running(self) -> None:
-        """The parent run shows RUNNING while one of its stages runs."""
+        """The parent run, and the row run above it, show RUNNING while one of its stages runs."""
         if self.parent_run_id:
             try:
                 retry(self.client.update_run, self.parent_run_id, status="RUNNING")
+                row_id = row_run_of(self.client, self.parent_run_id)
+                if row_id:
+                    retry(self.client.update_run, row_id, status="RUNNING")
             except Exception as err:  # bookkeeping only: never fail a stage for it
                 print(f"[tracking] warning: parent run {self.parent_run_id} not updated ({err})", file=sys.stderr)
 
@@ -160,6 +169,9 @@ class Tracker:
                     current = retry(self.client.get_run, self.run_id).data.tags.get(PARENT_RUN_TAG)
                     self.parent_run_id = current or self.parent_run_id
                     close_parent_run(self.client, self.experiment_id, self.parent_run_id)
+                    row_id = row_run_of(self.client, self.parent_run_id)
+                    if row_id:
+                        close_row_run(self.client, self.experiment_id, row_id)
                 except Exception as err:
                     print(f"[tracking] warning: parent run {self.parent_run_id} not updated ({err})",
                           file=sys.stderr)
