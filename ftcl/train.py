@@ -210,6 +210,8 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = Non
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         runtime.set_rng_state(state["rng"])
+        if "loader_rng" in state:  # the shuffle continues where it stopped (not from epoch 0's order)
+            loader.generator.set_state(state["loader_rng"])
         start_epoch, iteration = state["epoch"], state["iteration"]
         echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{o.epochs}")
 
@@ -260,6 +262,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = Non
                 "epoch": epoch + 1, "iteration": iteration, "config": to_dict(cfg), "in_channels": data.channels,
                 "backbone": method.backbone.state_dict(), "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
+                "loader_rng": loader.generator.get_state(),
             }, ckpt_dir, cfg.checkpoint.keep)
             echo(_progress_line(epoch, o.epochs, metrics))
         summary = metrics

@@ -183,3 +183,27 @@ def test_step_schedule_multiplies_the_lr_by_gamma_from_each_milestone_on():
     assert lrs[(0, 0)] == lrs[(119, 9)] == pytest.approx(0.03)
     assert lrs[(120, 0)] == lrs[(159, 9)] == pytest.approx(0.003)
     assert lrs[(160, 0)] == lrs[(199, 9)] == pytest.approx(0.0003)
+
+
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Resume continues every random stream, the loader's shuffle included (it used to start again
+    from epoch 1's order)."""
+    from helpers import smoke_cfg
+
+    cfg = smoke_cfg(**{"optim.epochs": 3, "deterministic.enabled": True, "deterministic.threads": 1})
+    pretrain(cfg, tmp_path / "whole", echo=lambda *_: None)
+    real_save = ckpt.save_epoch
+
+    def save_then_die(state, *args, **kwargs):
+        real_save(state, *args, **kwargs)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt, "save_epoch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path / "resumed", echo=lambda *_: None)
+    monkeypatch.setattr(ckpt, "save_epoch", real_save)
+    pretrain(cfg, tmp_path / "resumed", echo=lambda *_: None)
+    whole, resumed = (ckpt.load(tmp_path / name / "checkpoints" / "last.pt") for name in ("whole", "resumed"))
+    assert resumed["epoch"] == 3
+    for key, value in whole["method"].items():
+        assert torch.equal(value, resumed["method"][key]), key
