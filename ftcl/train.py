@@ -28,6 +28,8 @@ from ftcl.files import TMP_GLOB, write_json
 from ftcl.methods import build_method
 from ftcl.methods.base import Method, StepOutput, ema_update
 from ftcl.models.backbones import build_backbone
+from ftcl.monitor import METRIC as MONITOR_METRIC
+from ftcl.monitor import KnnMonitor, due, write_curve
 from ftcl.schedules import learning_rate
 from ftcl.scores import ScoreRecorder, histogram_range, load_scores, plot_histograms, plot_score_curves
 
@@ -215,6 +217,15 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = Non
         start_epoch, iteration = state["epoch"], state["iteration"]
         echo(f"[pretrain] resumed from {ckpt_dir} at epoch {start_epoch}/{o.epochs}")
 
+    monitor, curve = None, []
+    if main and cfg.eval.monitor.every > 0:
+        monitor = KnnMonitor(cfg.data, cfg.eval.monitor, cfg.eval.knn.batch_size, device)
+        curve = list(state.get("monitor", [])) if state is not None else []
+        if state is None:  # the initialisation's point
+            curve = [{"epoch": 0, "knn_top1": monitor(method.backbone)}]
+            logger.log_metrics({MONITOR_METRIC: curve[0]["knn_top1"]}, step=0)
+            write_curve(out_dir, curve)
+
     recorder = None
     if cfg.scores.enabled and o.epochs > 0:
         recorder = ScoreRecorder.from_section(cfg.scores, iters, o.epochs, device,
@@ -256,21 +267,27 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = Non
         if recorder and main:
             stats = recorder.flush(epoch, iteration - iters, lrs, score_dir)
             metrics.update({f"scores/{k}": v for k, v in stats.items() if k != "loss"})
+        if monitor is not None and due(epoch + 1, o.epochs, cfg.eval.monitor.every):
+            value = monitor(method.backbone)
+            curve = [c for c in curve if c["epoch"] <= epoch] + [{"epoch": epoch + 1, "knn_top1": value}]
+            metrics[MONITOR_METRIC] = value
         if main:  # metrics first: a kill between the two repeats a point rather than losing one
             logger.log_metrics(metrics, step=epoch + 1)
             ckpt.save_epoch({
                 "epoch": epoch + 1, "iteration": iteration, "config": to_dict(cfg), "in_channels": data.channels,
                 "backbone": method.backbone.state_dict(), "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
+                "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(), "monitor": curve,
                 "loader_rng": loader.generator.get_state(),
             }, ckpt_dir, cfg.checkpoint.keep)
+            if monitor is not None:  # after the checkpoint that holds the same curve
+                write_curve(out_dir, curve)
             echo(_progress_line(epoch, o.epochs, metrics))
         summary = metrics
     if main and o.epochs == 0 and state is None:  # no pretraining: keep the seeded initialisation
         ckpt.save_epoch({
             "epoch": 0, "iteration": 0, "config": to_dict(cfg), "in_channels": data.channels,
             "backbone": method.backbone.state_dict(), "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(),
+            "optimizer": optimizer.state_dict(), "rng": runtime.rng_state(), "monitor": curve,
         }, ckpt_dir, cfg.checkpoint.keep)
         echo(f"[pretrain] optim.epochs is 0: saved the random initialisation (seed {cfg.seed}) as {ckpt_dir}")
         summary = {"pretrain/epochs": 0}
@@ -298,6 +315,8 @@ def _progress_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
     scores = ""
     if "scores/pos_mean" in m:
         scores = f" pos {m['scores/pos_mean']:.3f} neg {m['scores/neg_mean']:.3f}"
+    if MONITOR_METRIC in m:
+        scores += f" kNN {m[MONITOR_METRIC]:.2f}"
     return (f"[pretrain] epoch {epoch + 1}/{epochs} loss {m['pretrain/loss']:.4f} lr {m['pretrain/lr']:.4g}"
             f"{scores} {m['pretrain/images_per_s']:.0f} img/s ({m['pretrain/epoch_seconds']:.1f} s)")
 

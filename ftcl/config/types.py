@@ -218,11 +218,20 @@ class KnnEval:
     batch_size: int
 
 @dataclass(frozen=True)
+class MonitorEval:
+    """``eval.monitor``: kNN top-1 on the pretraining's own checkpoints while it trains."""
+
+    every: int
+    k: int
+    temperature: float
+
+@dataclass(frozen=True)
 class Eval:
     """``eval``."""
 
     linear: LinearEval
     knn: KnnEval
+    monitor: MonitorEval
 
 @dataclass(frozen=True)
 class Tracking:
