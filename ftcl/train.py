@@ -292,7 +292,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, logger: RunLogger | None = Non
         echo(f"[pretrain] optim.epochs is 0: saved the random initialisation (seed {cfg.seed}) as {ckpt_dir}")
         summary = {"pretrain/epochs": 0}
     if main:
-        summary = _finish(cfg, out_dir, score_dir, summary, logger)
+        summary = _finish(cfg, out_dir, score_dir, summary, logger, ckpt.weights_digest(method.backbone.state_dict()))
     if world > 1:
         dist.barrier()
     return summary
@@ -321,8 +321,9 @@ def _progress_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
             f"{scores} {m['pretrain/images_per_s']:.0f} img/s ({m['pretrain/epoch_seconds']:.1f} s)")
 
 
-def _finish(cfg: RunConfig, out_dir: Path, score_dir: Path, last: dict, logger: RunLogger) -> dict:
-    """Plots, artifacts and ``pretrain.json`` (written last)."""
+def _finish(cfg: RunConfig, out_dir: Path, score_dir: Path, last: dict, logger: RunLogger, backbone: str) -> dict:
+    """Plots, artifacts and ``pretrain.json`` (written last; ``backbone``: the weights' digest, which
+    names this pretraining to the stages that read it, :func:`ftcl.orchestrate.folders.finish`)."""
     done = out_dir / "pretrain.json"
     if done.is_file() and not last:  # nothing was trained in this call: the run was already complete
         return json.loads(done.read_text())
@@ -334,6 +335,7 @@ def _finish(cfg: RunConfig, out_dir: Path, score_dir: Path, last: dict, logger: 
                             f"{cfg.experiment}: pos/neg scores")
         logger.log_artifact(score_dir, "score_distribution")
     logger.log_artifact(out_dir / "config.yaml", "config")
-    summary = {"epochs": cfg.optim.epochs, **last, "checkpoint": str(out_dir / "checkpoints" / ckpt.LAST)}
+    summary = {"epochs": cfg.optim.epochs, **last, "checkpoint": str(out_dir / "checkpoints" / ckpt.LAST),
+               "backbone_sha256": backbone}
     write_json(done, summary)
     return summary

@@ -217,3 +217,36 @@ def test_a_folder_from_before_key_files_is_adopted_when_its_config_matches(tmp_p
     assert folders.prepare(tmp_path, "knn", cfg).state == "done"
     other = runconfig.replace(cfg, {"eval.knn.k": 5})
     assert folders.prepare(tmp_path, "knn", other).state == "superseded"
+
+
+def test_a_pretraining_rerun_with_the_same_weights_leaves_its_readers_done(tmp_path):
+    """Turning the kNN monitor on reruns pretraining (its folder is moved aside) but, where the
+    weights come out the same, not the stages that read them; other weights rerun them."""
+    cfg = runconfig.resolve(overrides={"data.dataset": "digits"})
+    weights = {"backbone_sha256": "ab" * 32}
+
+    def pretrain_with(run_cfg, result):
+        prepared = folders.prepare(tmp_path, "pretrain", run_cfg)
+        (prepared.folder / "pretrain.json").write_text(json.dumps(result))
+        folders.finish(tmp_path, "pretrain", prepared)
+        return prepared
+
+    pretrain_with(cfg, weights)
+    _finished(tmp_path, "linear", cfg)
+    monitored = runconfig.replace(cfg, {"eval.monitor.every": 1})
+    assert pretrain_with(monitored, weights).state == "superseded"
+    assert folders.prepare(tmp_path, "linear", monitored).state == "done"
+    assert pretrain_with(runconfig.replace(cfg, {"optim.lr_per_256": 0.5}), {"backbone_sha256": "cd" * 32}).state \
+        == "superseded"
+    assert folders.prepare(tmp_path, "linear", monitored).state == "superseded"
+
+
+def test_the_weights_digest_tells_weights_apart():
+    import torch
+
+    from ftcl.checkpoint import weights_digest
+
+    a = {"w": torch.ones(2, 2), "n": torch.tensor(3)}
+    assert weights_digest(a) == weights_digest({k: v.clone() for k, v in a.items()})
+    assert weights_digest(a) != weights_digest({**a, "w": torch.ones(2, 2).double()})
+    assert weights_digest(a) != weights_digest({**a, "n": torch.tensor(4)})

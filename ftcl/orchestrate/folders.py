@@ -7,7 +7,8 @@ stage's run folder, with ``.ftcl_stage.json``: what it was computed from), ``<st
 marker Snakemake waits for), and ``.superseded/<stage>-<UTC time>/`` (earlier folders, intact).
 
 A stage's *key* is the digest of the run-config keys it reads (:func:`ftcl.pipeline.stage_digest`)
-plus, for the stages that read a pretraining, the id of that pretraining. ``ftcl stage`` compares
+plus, for the stages that read a pretraining, the id of that pretraining (the digest of its backbone
+weights, :func:`work_id`). ``ftcl stage`` compares
 the key a folder was computed under with the new one: same and finished -> nothing to run (the
 marker is written again); same and unfinished -> resume (pretraining continues from its
 checkpoint); different -> the folder moves to ``.superseded/``, its MLflow run is tagged
@@ -180,12 +181,20 @@ def finish(run_dir: str | Path, stage: str, prepared: Prepared) -> Path:
     result = prepared.folder / RESULT_FILES[stage]
     if not result.is_file():
         raise RuntimeError(f"{stage} ended without writing {result}")
-    key = {**prepared.key, "id": prepared.key.get("id") or uuid.uuid4().hex[:12]}
+    key = {**prepared.key, "id": prepared.key.get("id") or work_id(stage, result)}
     write_json(prepared.folder / KEY_FILE, key)
     marker = marker_path(run_dir, stage)
     write_json(marker, {"stage": stage, **key, "result": str(result),
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return marker
+
+
+def work_id(stage: str, result: Path) -> str:
+    """The id of a finished stage's work: for a pretraining, its backbone weights' digest (so a rerun
+    that changed only what the weights do not depend on, e.g. ``eval.monitor``, and gave the same
+    weights leaves the stages that read it done), else a random id."""
+    digest = (read_json(result) or {}).get("backbone_sha256") if stage == PRETRAIN else None
+    return f"w{digest[:16]}" if isinstance(digest, str) and digest else uuid.uuid4().hex[:12]
 
 
 def note(message: str, log: TextIO | None = None) -> None:
