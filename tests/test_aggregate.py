@@ -347,3 +347,122 @@ def test_table_command_reads_metrics_back_from_mlflow_runs(tmp_path, capsys, mon
 
     assert cli(["table", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- row runs
+
+
+def row_run_of(client, experiment_id: str, row: str):
+    """The one current (not superseded) row run of ``row``."""
+    runs = client.search_runs([experiment_id], f"tags.`ftcl.row` = '{row}' and tags.`ftcl.stage` = 'row'")
+    (run,) = [r for r in runs if "ftcl.superseded" not in r.data.tags]
+    return run
+
+
+def table_numbers(table: pd.DataFrame, row: str, metrics, suffixes) -> dict[str, float]:
+    """The table's numbers of ``row`` as the row run names them: ``<metric>/<suffix>``, NaN and metrics
+    without a value (n = 0) left out."""
+    line = table.set_index("row").loc[row]
+    numbers = {f"{m}/{s}": float(line[f"{m}_{s}"]) for m in metrics for s in suffixes if line[f"{m}_n"]}
+    return {k: v for k, v in numbers.items() if not math.isnan(v)}
+
+
+def test_row_runs_hold_the_ablation_tables_numbers(runs, tmp_path):
+    """After `ftcl aggregate`, each row's row run shows the table's mean, std and seed count of every
+    headline metric and, against its reference row, the paired delta and its 95 % interval; plus the
+    mean, std and count of the last epoch's positive and negative scores (not in the table)."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, exp_dir = runs
+    for row, seeds in RESULTS.items():  # pretrain.json with the last epoch's mean scores
+        for seed in seeds:
+            path = exp_dir / row / f"seed{seed}" / "pretrain" / "pretrain.json"
+            pos, neg = (0.8, 0.1) if row == "moco_v2" else (0.6, 0.05)
+            path.write_text(json.dumps({**json.loads(path.read_text()), "scores/pos_mean": pos + seed / 10,
+                                        "scores/neg_mean": neg}))
+    # a store from before row runs: a seed parent of moco_v2 with no row run above it
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=str(tmp_path / "results" / "mlartifacts"))
+    old_parent = client.create_run(exp_id, run_name="moco_v2 · seed 0", tags={
+        "ftcl.row": "moco_v2", "ftcl.seed": "0", "ftcl.stage": "parent"}).info.run_id
+    client.set_terminated(old_parent)
+
+    assert cli(["aggregate", "--configfile", _dump(cfg, tmp_path)]) == 0
+    table = ablation_table(collect(cfg), "moco_v2")
+    base, ft = row_run_of(client, exp_id, "moco_v2"), row_run_of(client, exp_id, "+ft")
+    assert base.info.run_name == "moco_v2" and ft.info.run_name == "+ft"
+    assert ft.data.params == {"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"}
+    assert base.data.params == {}
+    assert "positive extrapolation and negative interpolation" in ft.data.tags["mlflow.note.content"]
+    assert client.get_run(old_parent).data.tags["mlflow.parentRunId"] == base.info.run_id
+    assert base.info.status == ft.info.status == "FINISHED"
+
+    stats_ = ("mean", "std", "n")
+    scores = {"moco_v2": (0.85, math.sqrt(0.005), 0.1), "+ft": (0.65, math.sqrt(0.005), 0.05)}
+    for run, row in ((base, "moco_v2"), (ft, "+ft")):
+        expected = table_numbers(table, row, render.TABLE_METRICS, (*stats_, "delta", "delta_low", "delta_high"))
+        pos, pos_std, neg = scores[row]
+        expected.update({"scores_pos/mean": pos, "scores_pos/std": pos_std, "scores_pos/n": 2.0,
+                         "scores_neg/mean": neg, "scores_neg/n": 2.0, "scores_neg/std": 0.0})
+        assert run.data.metrics == pytest.approx(expected, rel=1e-12), row
+    # the same numbers, checked by hand: mean ± std over 2 seeds, the paired delta and its t interval
+    assert base.data.metrics["linear_top1/mean"] == 71.0 and base.data.metrics["linear_top1/n"] == 2
+    assert base.data.metrics["linear_top1/std"] == pytest.approx(math.sqrt(2))
+    assert base.data.metrics["det_voc07_AP50/mean"] == 81.0
+    assert not any(name.endswith("/delta") for name in base.data.metrics)  # the baseline has no reference
+    assert ft.data.metrics["linear_top1/delta"] == pytest.approx(-2.5)
+    half = 12.706204736 * math.sqrt(0.5) / math.sqrt(2)  # t(0.975, 1) sd(-2, -3) / sqrt(2)
+    assert ft.data.metrics["linear_top1/delta_low"] == pytest.approx(-2.5 - half)
+    assert ft.data.metrics["linear_top1/delta_high"] == pytest.approx(-2.5 + half)
+    assert not any(name.startswith("det_") for name in ft.data.metrics)  # no detection result: no metric
+    assert "scores_pos_mean" not in table.columns  # the scores are the row runs' only
+
+
+def test_row_runs_follow_the_table_when_a_seed_run_is_superseded(runs, tmp_path):
+    """A stage folder moved aside (superseded) no longer counts: the next aggregation's numbers are
+    the row run's latest values, logged at a new step; a number the table no longer has is NaN."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, exp_dir = runs
+    configfile = _dump(cfg, tmp_path)
+    assert cli(["aggregate", "--configfile", configfile]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    first = row_run_of(client, exp_id, "+ft")
+    assert first.data.metrics["linear_top1/mean"] == 68.5 and first.data.metrics["linear_top1/n"] == 2
+
+    seed1 = exp_dir / "+ft" / "seed1"
+    (seed1 / ".superseded").mkdir()
+    (seed1 / "linear").rename(seed1 / ".superseded" / "linear")
+    assert cli(["aggregate", "--configfile", configfile]) == 0
+    table = ablation_table(collect(cfg), "moco_v2")
+    now = row_run_of(client, exp_id, "+ft")
+    assert now.info.run_id == first.info.run_id  # the same row run, updated
+    metrics = now.data.metrics
+    assert metrics["linear_top1/mean"] == 68.0 and metrics["linear_top1/n"] == 1
+    assert metrics["linear_top1/delta"] == pytest.approx(table.set_index("row").loc["+ft", "linear_top1_delta"])
+    for name in ("linear_top1/std", "linear_top1/delta_low", "linear_top1/delta_high"):  # one seed: none
+        assert math.isnan(metrics[name]), name
+    assert {k: v for k, v in metrics.items() if not math.isnan(v)} == pytest.approx(
+        table_numbers(table, "+ft", render.TABLE_METRICS, ("mean", "std", "n", "delta", "delta_low", "delta_high")))
+    history = sorted(client.get_metric_history(now.info.run_id, "linear_top1/mean"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(1, 68.5), (2, 68.0)]
+
+
+def test_aggregation_keeps_one_row_run_per_row(runs, tmp_path):
+    """Two row runs of one row (stages that created them in the same instant): aggregation keeps
+    the older, moves the seed parents of the other under it and deletes the other."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, _ = runs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=str(tmp_path / "results" / "mlartifacts"))
+    tags = {"ftcl.row": "+ft", "ftcl.stage": "row"}
+    older = client.create_run(exp_id, run_name="+ft", tags=tags, start_time=1000).info.run_id
+    newer = client.create_run(exp_id, run_name="+ft", tags=tags, start_time=2000).info.run_id
+    parent = client.create_run(exp_id, run_name="+ft · seed 1", tags={
+        "ftcl.row": "+ft", "ftcl.seed": "1", "ftcl.stage": "parent", "mlflow.parentRunId": newer}).info.run_id
+    assert cli(["aggregate", "--configfile", _dump(cfg, tmp_path)]) == 0
+    assert row_run_of(client, exp_id, "+ft").info.run_id == older
+    assert client.get_run(newer).info.lifecycle_stage == "deleted"
+    assert client.get_run(parent).data.tags["mlflow.parentRunId"] == older

@@ -5,13 +5,15 @@ Outputs under ``results/<experiment>/``: ``tables/ablation.{csv,md,tex}`` (every
 and its paired difference to its reference with a 95 % interval), ``tables/paper.*`` (rows with
 published numbers), ``tables/floor.*`` (every row against the ``role: floor`` row), ``plots/`` and
 ``report.html``; all of them are logged as artifacts of a new MLflow run named ``aggregate``
-(earlier aggregate runs are tagged superseded, never deleted).
+(earlier aggregate runs are tagged superseded, never deleted). Each row's row run gets the table's
+numbers of its row as metrics (:func:`row_run_metrics`, :mod:`ftcl.tracking.rows`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
@@ -35,8 +37,18 @@ def load_pipeline(path: str | Path):
     return pipeline.read(path, resolve_runs=False)
 
 
+#: frame columns whose mean, std and seed count the row runs also get (not a column of the printed
+#: table): the last pretraining epoch's mean positive and negative scores
+ROW_RUN_EXTRA: tuple[str, ...] = ("scores_pos", "scores_neg")
+#: the ablation table's statistics a row run gets, per metric (``<metric>_<statistic>`` in the table,
+#: ``<metric>/<statistic>`` on the run); deltas only where the row has a reference row
+ROW_RUN_STATS: tuple[str, ...] = ("mean", "std", "n")
+ROW_RUN_DELTAS: tuple[str, ...] = ("delta", "delta_low", "delta_high")
+
+
 def tables(frame: pd.DataFrame, pipe) -> dict[str, pd.DataFrame | None]:
-    """The ablation, paper and floor tables of a collected ``frame`` (pure)."""
+    """The ablation, paper and floor tables of a collected ``frame`` (pure), and ``extra``: the
+    table's statistics of :data:`ROW_RUN_EXTRA` (None when the frame has none of them)."""
     present = set(frame["row"])
     baseline = pipe.baseline if pipe.baseline in present else None
     if baseline is None:
@@ -47,7 +59,31 @@ def tables(frame: pd.DataFrame, pipe) -> dict[str, pd.DataFrame | None]:
     paper = stats.paper_table(frame, {row.name: row.published for row in pipe.rows if row.published})
     floor_row = pipe.role("floor")
     floor = stats.against(frame, floor_row, render.FLOOR_METRICS) if floor_row in present else None
-    return {"ablation": table, "paper": paper, "floor": floor}
+    extra_metrics = [column for column in ROW_RUN_EXTRA if column in frame]
+    extra = stats.ablation_table(frame, baseline, extra_metrics, references, groups) if extra_metrics else None
+    return {"ablation": table, "paper": paper, "floor": floor, "extra": extra}
+
+
+def row_run_metrics(table: pd.DataFrame, extra: pd.DataFrame | None = None) -> dict[str, dict[str, float]]:
+    """Row -> the metrics of its row run (pure): for each headline metric of ``table`` (the ablation
+    table, :data:`render.TABLE_METRICS`) that the row has a value of, ``<metric>/mean``, ``/std`` and
+    ``/n`` and, against its reference row, ``/delta``, ``/delta_low`` and ``/delta_high``: the table's
+    numbers, NaN left out. ``extra`` (:func:`tables`) adds the mean, std and n of its metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for source, metrics, statistics in ((table, render.TABLE_METRICS, ROW_RUN_STATS + ROW_RUN_DELTAS),
+                                        (extra, ROW_RUN_EXTRA, ROW_RUN_STATS)):
+        if source is None:
+            continue
+        for _, line in source.iterrows():
+            mine = out.setdefault(line["row"], {})
+            for metric in metrics:
+                if f"{metric}_n" not in line or not line[f"{metric}_n"]:
+                    continue  # no seed of the row has this metric
+                for statistic in statistics:
+                    value = float(line[f"{metric}_{statistic}"])
+                    if not math.isnan(value):
+                        mine[f"{metric}/{statistic}"] = value
+    return out
 
 
 def run_aggregate(pipe, results_dir: str | Path | None = None, *, allow_missing: bool = False, mlflow: bool = True,
@@ -80,7 +116,8 @@ def run_aggregate(pipe, results_dir: str | Path | None = None, *, allow_missing:
         descriptions={row.name: row.description for row in pipe.rows},
     )
     files.append(report_path)
-    run_id = log_aggregate_run(pipe, results_dir, exp_dir, configfile) if mlflow else None
+    run_id = log_aggregate_run(pipe, results_dir, exp_dir, configfile,
+                               rows=row_run_metrics(table, out["extra"])) if mlflow else None
     return {"frame": frame, **out, "files": files, "report": report_path, "run_id": run_id}
 
 
@@ -93,8 +130,10 @@ def pipeline_tracking_uri(pipe, results_dir: str | Path | None = None) -> str:
                         environment=False)
 
 
-def log_aggregate_run(pipe, results_dir: str | Path | None, exp_dir: Path, configfile: str | Path | None = None) -> str:
-    """Log ``tables/``, ``plots/`` and ``report.html`` of ``exp_dir`` to a new run named ``aggregate``.
+def log_aggregate_run(pipe, results_dir: str | Path | None, exp_dir: Path, configfile: str | Path | None = None,
+                      rows: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """Log ``tables/``, ``plots/`` and ``report.html`` of ``exp_dir`` to a new run named ``aggregate``,
+    and give each row's row run its ``rows`` metrics (:func:`row_run_metrics`; :func:`update_row_runs`).
 
     Earlier ``aggregate`` runs of the experiment are tagged ``ftcl.superseded`` (kept, never deleted),
     so the newest untagged one holds the current tables. Returns the new run's id.
@@ -126,6 +165,8 @@ def log_aggregate_run(pipe, results_dir: str | Path | None, exp_dir: Path, confi
         client.log_artifact(run_id, str(exp_dir / "report.html"))
         if configfile is not None and Path(configfile).is_file():
             client.log_artifact(run_id, str(configfile), "config")
+        if rows is not None:
+            update_row_runs(client, experiment_id, pipe, rows)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -135,6 +176,46 @@ def log_aggregate_run(pipe, results_dir: str | Path | None, exp_dir: Path, confi
         if TAG_SUPERSEDED not in old.data.tags:
             client.set_tag(old.info.run_id, TAG_SUPERSEDED, stamp)
     return run_id
+
+
+def update_row_runs(client, experiment_id: str, pipe, rows: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """Give the row run of each row of ``pipe`` that has results its ``rows`` metrics (created, with
+    the row's description and overrides, when missing); returns row -> row run id."""
+    from ftcl.pipeline import row_description
+    from ftcl.tracking import git_commit
+    from ftcl.tracking.parents import NOTE_TAG, row_run_description
+    from ftcl.tracking.rows import update_row_run
+
+    params = _row_params(pipe)
+    references = pipe.references
+    ids = {}
+    for row in pipe.rows:
+        if row.name not in rows:
+            continue  # no results (--allow-missing): its row run, if any, is left as it is
+        reference = references.get(row.name)
+        ids[row.name] = update_row_run(
+            client, experiment_id, row.name, rows[row.name], reference=reference if reference in rows else None,
+            tags={"ftcl.git_commit": git_commit(),
+                  NOTE_TAG: row_run_description(row.name, pipe.experiment, row_description(row))},
+            params=params.get(row.name))
+    return ids
+
+
+def _row_params(pipe) -> dict[str, dict[str, str]]:
+    """Row -> its row run's params (the row's overrides, valued as its stages' run config has them,
+    as the stages write them); empty when the rows' run configs cannot be resolved here."""
+    from ftcl import config as runconfig
+    from ftcl import pipeline
+    from ftcl.errors import ConfigError
+    from ftcl.tracking.parents import row_params
+
+    try:
+        resolved = pipe if pipe.run_configs else pipeline.load(pipe.config, check_paths=False)
+    except (ConfigError, OSError) as err:
+        log.warning("row runs created without params: the rows' run configs do not resolve here (%s)", err)
+        return {}
+    return {row.name: row_params(runconfig.to_dict(resolved.run_configs[row.name]), row.overrides)
+            for row in pipe.rows if row.name in resolved.run_configs}
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:

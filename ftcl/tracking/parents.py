@@ -78,7 +78,7 @@ def _parents(client, experiment_id: str, row: str, seed: int | str) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
-def _row_runs(client, experiment_id: str, row: str) -> list:
+def current_row_runs(client, experiment_id: str, row: str) -> list:
     """The row runs of ``row`` that are not superseded, oldest first (ties: by run id)."""
     query = f"tags.`{TAG_ROW}` = '{row}' and tags.`{TAG_STAGE}` = '{ROW_STAGE}'"
     found = retry(client.search_runs, [experiment_id], filter_string=query, max_results=1000)
@@ -138,8 +138,9 @@ def ensure_row_run(client, experiment_id: str, row: str, tags: Mapping[str, Any]
     seed parent runs created from then on nest under the new one.
 
     Stages starting at once may each create one: the oldest is kept, the others deleted."""
-    kept, _, superseded = _get_or_create(client, experiment_id, lambda: _row_runs(client, experiment_id, row), row,
-                                         {TAG_ROW: str(row), TAG_STAGE: ROW_STAGE}, tags, params, supersede)
+    kept, _, superseded = _get_or_create(
+        client, experiment_id, lambda: current_row_runs(client, experiment_id, row), row,
+        {TAG_ROW: str(row), TAG_STAGE: ROW_STAGE}, tags, params, supersede)
     if superseded is not None:  # ended unless a seed parent under it still runs (its stage ends it then)
         close_row_run(client, experiment_id, superseded.info.run_id)
     return kept
