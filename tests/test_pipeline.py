@@ -134,7 +134,8 @@ def test_snakemakes_own_report_holds_the_tables_and_plots_with_captions(tiny_run
     text = report.read_text(errors="replace")
     for caption in ("paired difference to", "Score curves during pretraining", "self-contained report"):
         assert caption in text, caption
-    for name in ("ablation.md", "accuracy.png", "score_curves.png", "score_histograms.png", "report.html"):
+    for name in ("ablation.md", "accuracy.png", "score_curves.png", "score_histograms.png", "knn_curves.png",
+                 "report.html"):
         assert name in text, name
 
 

@@ -6,6 +6,8 @@
 * ``score_curves.png``: the positive score ``q·k+`` and the mean negative score ``mean_i q·n_i``
   over training iterations, one line per row (mean over seeds, smoothed with a centred rolling
   mean; the band spans the seeds), as in Fig. 2 of Zhu et al., ICCV 2021 (FT);
+* ``knn_curves.png``: kNN top-1 over training and its paired difference to the reference row
+  (:mod:`ftcl.results.training_curves`);
 * ``score_histograms.png``: the distributions of positive and negative scores at the last recorded
   epoch, one panel per row (counts summed over seeds, each normalised to a density).
 
@@ -19,15 +21,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.figure import Figure
 
+from ftcl.results.figures import figure, placeholder_plot, row_palette, rows_of, save
 from ftcl.results.render import METRIC_LABELS
+from ftcl.results.training_curves import knn_curves_plot, monitor_curves
 from ftcl.scores import display_edges, tail_label
 
 log = logging.getLogger(__name__)
@@ -36,32 +38,7 @@ log = logging.getLogger(__name__)
 ACCURACY_METRICS: tuple[str, ...] = ("linear_top1", "knn_top1", "det_voc07_AP50", "det_voc07_AP", "det_coco_AP",
                                      "det_coco_AP50")
 POS_COLOR, NEG_COLOR = "tab:blue", "tab:red"  # as the per-run plots of ftcl.scores
-DPI = 130
 SCORE_COLUMNS = ["epoch", "iteration", "pos_mean", "neg_mean"]
-
-
-def row_palette(rows: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """One colour per row, the same in every plot."""
-    colors = sns.color_palette("tab10" if len(rows) <= 10 else "husl", len(rows))
-    return dict(zip(rows, colors, strict=True))
-
-
-def _rows(frame: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(frame["row"]))
-
-
-def _figure(nrows: int, ncols: int, figsize: tuple[float, float], **kwargs) -> tuple[Figure, np.ndarray]:
-    """A pyplot-free figure (rendered by the Agg canvas; no global backend state) with a grid of axes."""
-    with sns.axes_style("whitegrid"):
-        fig = Figure(figsize=figsize, layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
-    return fig, axes
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    return path
 
 
 def accuracy_plot(frame: pd.DataFrame, path: str | Path, table: pd.DataFrame | None = None) -> Path | None:
@@ -73,12 +50,12 @@ def accuracy_plot(frame: pd.DataFrame, path: str | Path, table: pd.DataFrame | N
         return None
     baseline = table.attrs.get("baseline") if table is not None else None
     lines = table.set_index("row") if table is not None else None
-    rows = _rows(frame)
+    rows = rows_of(frame)
     palette = row_palette(rows)
     width = max(3.6, 0.95 * len(rows) + 1.6)
     ncols = 2 if len(metrics) > 2 and len(rows) > 4 else len(metrics)  # many rows: a 2-column grid
     nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = _figure(nrows, ncols, (width * ncols, 4.6 * nrows))
+    fig, axes = figure(nrows, ncols, (width * ncols, 4.6 * nrows))
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
     for ax, metric in zip(axes.flat, metrics):
@@ -120,7 +97,7 @@ def accuracy_plot(frame: pd.DataFrame, path: str | Path, table: pd.DataFrame | N
     fig.suptitle(f"Accuracy per row (points: {n_seeds} seeds; bar: mean; whisker: its 95% t interval; "
                  "Δ: paired difference to the reference [95% interval], *: excludes 0"
                  + ("; dashed: baseline mean)" if baseline else ")"))
-    return _save(fig, Path(path))
+    return save(fig, Path(path))
 
 
 def _scores_of(run_dir: str | Path) -> pd.DataFrame | None:
@@ -142,7 +119,7 @@ def score_curves_plot(frame: pd.DataFrame, path: str | Path, smooth_fraction: fl
     Each seed's curve is smoothed over ``max(1, smooth_fraction * iterations)`` iterations; the line
     is the mean over seeds at each iteration and the band the range of the seeds.
     """
-    rows = _rows(frame)
+    rows = rows_of(frame)
     palette = row_palette(rows)
     curves: dict[str, pd.DataFrame] = {}
     for row in rows:
@@ -162,7 +139,7 @@ def score_curves_plot(frame: pd.DataFrame, path: str | Path, smooth_fraction: fl
             curves[row] = pd.concat(per_seed).groupby("iteration").agg(["mean", "min", "max", "count"])
     if not curves:
         return None
-    fig, grid = _figure(1, 2, (12, 4.2), sharex=True)
+    fig, grid = figure(1, 2, (12, 4.2), sharex=True)
     axes = grid[0]
     panels = {"pos_mean": "Positive score  q·k⁺", "neg_mean": "Mean negative score  mean(q·n)"}
     for ax, (column, title) in zip(axes, panels.items(), strict=True):
@@ -178,7 +155,7 @@ def score_curves_plot(frame: pd.DataFrame, path: str | Path, smooth_fraction: fl
     axes[0].legend(title="row", fontsize=8, title_fontsize=9, loc="best")
     fig.suptitle(f"Score curves during pretraining (mean over seeds, smoothed over {smooth_fraction:.0%} of "
                  "the iterations; band: seed range)")
-    return _save(fig, Path(path))
+    return save(fig, Path(path))
 
 
 def _last_histograms(frame: pd.DataFrame, row: str) -> tuple[pd.DataFrame, int] | None:
@@ -210,7 +187,7 @@ def _last_histograms(frame: pd.DataFrame, row: str) -> tuple[pd.DataFrame, int] 
 
 def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4) -> Path | None:
     """Small multiples: per row, positive and negative score densities at the last recorded epoch."""
-    hists = {row: h for row in _rows(frame) if (h := _last_histograms(frame, row)) is not None}
+    hists = {row: h for row in rows_of(frame) if (h := _last_histograms(frame, row)) is not None}
     if not hists:
         return None
     ncols = min(max_columns, len(hists))
@@ -222,7 +199,7 @@ def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4)
         if used.any():
             lows.append(edges[:-1][used].min())
             highs.append(edges[1:][used].max())
-    fig, axes = _figure(nrows, ncols, (3.6 * ncols, 3.0 * nrows), sharex=True)
+    fig, axes = figure(nrows, ncols, (3.6 * ncols, 3.0 * nrows), sharex=True)
     for ax, (row, (total, epoch)) in zip(axes.flat, hists.items(), strict=False):
         edges = display_edges(total)
         widths = np.diff(edges)
@@ -242,7 +219,7 @@ def histograms_plot(frame: pd.DataFrame, path: str | Path, max_columns: int = 4)
         pad = 0.03 * (max(highs) - min(lows))
         axes[0, 0].set_xlim(min(lows) - pad, max(highs) + pad)
     fig.suptitle("Score distributions at the last recorded epoch (seeds pooled, each side normalised)")
-    return _save(fig, Path(path))
+    return save(fig, Path(path))
 
 
 #: the plot files every aggregation writes (file name -> title), in display order
@@ -250,25 +227,20 @@ PLOT_FILES: dict[str, str] = {
     "accuracy.png": "Accuracy per row",
     "score_curves.png": "Score curves over training",
     "score_histograms.png": "Score distributions at the last epoch",
+    "knn_curves.png": "kNN accuracy over training",
 }
-
-
-def placeholder_plot(path: Path, title: str, reason: str) -> Path:
-    """A small figure saying why a plot has no data (the pipeline declares every plot as an output)."""
-    fig, axes = _figure(1, 1, (6, 1.6))
-    axes[0, 0].axis("off")
-    axes[0, 0].text(0.5, 0.5, f"{title}: {reason}", ha="center", va="center", fontsize=10, color="grey")
-    return _save(fig, path)
 
 
 def make_plots(frame: pd.DataFrame, plots_dir: str | Path, table: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write every aggregate plot (:data:`PLOT_FILES`; a placeholder saying so where there is no
     data); returns ``{title: path}`` in display order."""
     plots_dir = Path(plots_dir)
+    references = {} if table is None else {r: ref for r, ref in zip(table["row"], table["reference"]) if ref}
     drawers = {
         "accuracy.png": lambda path: accuracy_plot(frame, path, table),
         "score_curves.png": lambda path: score_curves_plot(frame, path),
         "score_histograms.png": lambda path: histograms_plot(frame, path),
+        "knn_curves.png": lambda path: knn_curves_plot(monitor_curves(frame), path, references),
     }
     made = {}
     for name, title in PLOT_FILES.items():

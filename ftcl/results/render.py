@@ -132,8 +132,9 @@ def display_ablation(table: pd.DataFrame, digits: int = 2, latex: bool = False) 
         shown["Δ vs"] = ["" if r["row"] == baseline else ("–" if pd.isna(r["reference"]) else r["reference"])
                          for _, r in table.iterrows()]
     for m in metrics:
-        shown[metric_label(m, table["protocol"])] = [mean_std(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"], digits, latex)
-                                   for _, r in table.iterrows()]
+        shown[metric_label(m, table["protocol"])] = [
+            mean_std(r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"], r["n_seeds"], digits, latex)
+            for _, r in table.iterrows()]
         if has_deltas:
             shown[f"Δ {SHORT_LABELS[m]} [95% CI]"] = [
                 "reference" if pd.isna(r["reference"]) else delta_cell(

@@ -33,6 +33,7 @@ rule aggregate:
         curves=report(f"{PLOTS}/score_curves.png", caption="../report/score_curves.rst", category="Plots"),
         histograms=report(f"{PLOTS}/score_histograms.png", caption="../report/score_histograms.rst",
                           category="Plots"),
+        knn_curves=report(f"{PLOTS}/knn_curves.png", caption="../report/knn_curves.rst", category="Plots"),
         html=report(f"{EXP_DIR}/report.html", caption="../report/report_html.rst", category="Report"),
     log:
         f"{EXP_DIR}/logs/aggregate.log",
