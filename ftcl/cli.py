@@ -173,14 +173,23 @@ def _add_result_commands(sub: argparse._SubParsersAction) -> None:
     ui = sub.add_parser(
         "ui", help="start the MLflow UI on the project's store and print the URL to open",
         description="Start the MLflow UI (mlflow server, one worker, background jobs off) on the store the "
-        "stages write, wait until it answers, print the URL to open (the experiment's page with --experiment), "
+        "stages write, wait until it answers, print the URL to open (the runs table of the experiment: "
+        "--experiment, else the pipeline config's, else the one updated last; it says which and why), "
         "and stop every process it started on Ctrl-C.")
-    ui.add_argument("--experiment", default=None, help="open this MLflow experiment (default: the experiment list)")
+    ui.add_argument("--experiment", default=None,
+                    help="open this MLflow experiment (default: the pipeline config's experiment, else the "
+                    "experiment of the store updated last)")
+    ui.add_argument("--configfile", default=None,
+                    help="pipeline config whose experiment and store to open (default: config/config.yaml "
+                    "when it exists in this folder)")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0: a free one)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     ui.add_argument("--tracking-uri", default=None,
-                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///RESULTS_DIR/mlflow.db)")
-    ui.add_argument("--results-dir", default=RESULTS_DIR, help="results folder of the default sqlite store")
+                    help="MLflow store (default: the pipeline config's store, else $MLFLOW_TRACKING_URI, else "
+                    "sqlite:///RESULTS_DIR/mlflow.db)")
+    ui.add_argument("--results-dir", default=None,
+                    help=f"results folder of the default sqlite store (default: the pipeline config's "
+                    f"results_dir, else {RESULTS_DIR})")
     ui.add_argument("--log", default=None,
                     help="server log file (default: mlflow-ui.log beside a sqlite store); '-' shows it here")
     ui.add_argument("--timeout", type=float, default=120.0,

@@ -229,3 +229,121 @@ def test_a_server_that_fails_to_start_is_reported_with_its_log(tmp_path):
     assert proc.returncode == 1
     assert "exited with status" in proc.stderr and str(tmp_path / "ui.log") in proc.stderr
     assert "Error" in proc.stderr.strip().splitlines()[-1]  # the tail of the server's log says why
+
+
+# --------------------------------------------------------------------------- which experiment it opens
+
+
+def test_the_experiment_is_chosen_from_the_flag_then_the_pipeline_config_then_the_latest_activity():
+    activity = {"Default": 1_000, "fmnist-demo": 5_000, "ft-study": 9_000}
+    config = ("config/config.yaml in this folder", "fmnist-demo")
+    assert ui.choose_experiment("methods", config, activity) == ("methods", "--experiment")
+    assert ui.choose_experiment(None, config, activity) == (
+        "fmnist-demo", "the experiment of config/config.yaml in this folder")
+    name, why = ui.choose_experiment(None, None, activity)
+    assert name == "ft-study" and why.startswith("the most recently updated experiment in the store")
+    assert ui.choose_experiment(None, None, {}) == (None, "the store has no experiment")
+
+
+def test_the_pipeline_config_is_the_given_one_else_the_one_in_this_folder(tmp_path):
+    assert ui.pipeline_config_path(None, tmp_path) is None
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("experiment: here\n")
+    assert ui.pipeline_config_path(None, tmp_path) == (Path("config/config.yaml"), "config/config.yaml in this folder")
+    given = tmp_path / "other.yaml"
+    assert ui.pipeline_config_path(str(given), tmp_path) == (given, f"--configfile {given}")
+
+
+def write_pipeline(path: Path, experiment: str, results_dir: Path, uri: str | None = None) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"experiment": experiment, "results_dir": str(results_dir),
+                                    "tracking": {"uri": uri}, "ablations": [{"name": "moco_v2", "baseline": True}]}))
+    return path
+
+
+def serve_http(monkeypatch, experiments: dict[str, str], activity: dict[str, int]) -> None:
+    """A tracking server (``http://``: no UI process) holding ``experiments`` (name -> id)."""
+    monkeypatch.setattr(ui, "experiment_id", lambda base, name: experiments.get(name))
+    monkeypatch.setattr(ui, "experiment_names", lambda base: list(experiments))
+    monkeypatch.setattr(ui, "experiment_activity", lambda base: activity)
+
+
+def test_ui_opens_the_runs_table_of_the_pipeline_configs_experiment(tmp_path, capsys, monkeypatch):
+    serve_http(monkeypatch, {"Default": "0", "demo": "3", "other": "4"}, {"Default": 1, "demo": 5, "other": 9})
+    monkeypatch.chdir(tmp_path)
+    server = "http://mlflow.example:5000"
+    configfile = write_pipeline(tmp_path / "pipeline.yaml", "demo", tmp_path / "results", server)
+    assert main(["ui", "--configfile", str(configfile)]) == 0
+    out = capsys.readouterr().out
+    assert f"experiment 'demo': the experiment of --configfile {configfile}" in out
+    assert f"{server}/#/experiments/3?workflowType=machine_learning" in out
+
+    # the project's own config/config.yaml when no --configfile is given; --experiment still wins
+    (tmp_path / "config").mkdir()
+    write_pipeline(tmp_path / "config" / "config.yaml", "other", tmp_path / "results", server)
+    assert main(["ui"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment 'other': the experiment of config/config.yaml in this folder" in out
+    assert f"{server}/#/experiments/4?workflowType=machine_learning" in out
+    assert main(["ui", "--experiment", "demo"]) == 0
+    assert f"{server}/#/experiments/3?" in capsys.readouterr().out
+
+
+def test_ui_without_a_pipeline_config_opens_the_most_recently_updated_experiment(tmp_path, capsys, monkeypatch):
+    serve_http(monkeypatch, {"Default": "0", "old": "1", "new": "2"}, {"Default": 1, "old": 5, "new": 9})
+    monkeypatch.chdir(tmp_path)  # no config/config.yaml here
+    assert main(["ui", "--tracking-uri", "http://mlflow.example:5000"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment 'new': the most recently updated experiment in the store" in out
+    assert "http://mlflow.example:5000/#/experiments/2?workflowType=machine_learning" in out
+
+
+def test_ui_names_a_missing_experiment_and_shows_the_list(tmp_path, capsys, monkeypatch):
+    serve_http(monkeypatch, {"Default": "0", "demo": "3"}, {"Default": 1, "demo": 5})
+    monkeypatch.chdir(tmp_path)
+    configfile = write_pipeline(tmp_path / "pipeline.yaml", "not-run-yet", tmp_path / "results",
+                                "http://mlflow.example:5000")
+    assert main(["ui", "--configfile", str(configfile)]) == 0
+    out = capsys.readouterr().out
+    assert "no experiment 'not-run-yet'" in out and "experiments: Default, demo" in out
+    assert out.rstrip().endswith("http://mlflow.example:5000/")  # the experiment list
+
+
+def test_ui_uses_the_store_of_the_pipeline_config(tmp_path, capsys, monkeypatch):
+    """The store the pipeline gave its stages (its results_dir), whatever $MLFLOW_TRACKING_URI says."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    configfile = write_pipeline(tmp_path / "pipeline.yaml", "demo", tmp_path / "results")
+    assert main(["ui", "--configfile", str(configfile)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "results" / "mlflow.db") in err and "elsewhere" not in err
+
+
+@pytest.mark.slow
+def test_ui_started_in_a_project_folder_opens_its_experiment(tmp_path):
+    """End to end on a real store: the MLflow server started, the pipeline config's experiment (not
+    the one updated last) looked up on it, its runs table's URL printed."""
+    results = tmp_path / "results"
+    results.mkdir()
+    uri, exp_id = make_store(results, "demo")
+    make_store_experiment(uri, results, "newer")
+    (tmp_path / "config").mkdir()
+    write_pipeline(tmp_path / "config" / "config.yaml", "demo", Path("results"))
+    ui_proc = UiProcess("--port", "0", cwd=tmp_path)
+    try:
+        url = ui_proc.wait_for_url()
+        assert url.endswith(f"/#/experiments/{exp_id}?workflowType=machine_learning"), ui_proc.output
+        assert "experiment 'demo': the experiment of config/config.yaml in this folder" in ui_proc.output
+        ui_proc.ctrl_c()
+        assert ui_proc.proc.wait(timeout=30) == 0, ui_proc.output
+    finally:
+        ui_proc.kill()
+
+
+def make_store_experiment(uri: str, folder: Path, experiment: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(experiment, artifact_location=str(folder / "mlartifacts" / experiment))
+    client.set_terminated(client.create_run(exp_id, run_name="later").info.run_id)
+    return exp_id
