@@ -250,7 +250,7 @@ def test_plots_are_written_as_nonempty_pngs(runs):
     frame = collect(cfg)
     plots = make_plots(frame, exp_dir / "plots", ablation_table(frame, "moco_v2"))
     names = sorted(p.name for p in plots.values())
-    assert names == ["accuracy.png", "score_curves.png", "score_histograms.png"]
+    assert names == ["accuracy.png", "knn_curves.png", "score_curves.png", "score_histograms.png"]
     for path in plots.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
@@ -264,7 +264,7 @@ def test_report_holds_every_row_and_embeds_the_plots(runs):
     first_cells = re.findall(r"<tr>\s*<td>([^<]*)</td>", table)
     assert first_cells == ["moco_v2", "+ft"]
     assert 'id="paper-table"' in text and EXPERIMENT in text and "ftcl aggregate --configfile c.yaml" in text
-    assert text.count('src="data:image/png;base64,') == 3
+    assert text.count('src="data:image/png;base64,') == 4
     assert "http://" not in text and "https://" not in text  # self-contained
 
 
@@ -294,7 +294,7 @@ def test_aggregate_command_logs_tables_plots_and_report_to_an_mlflow_run(runs, t
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"tables", "plots", "report.html", "config"} <= top
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
-        "plots/accuracy.png", "plots/score_curves.png", "plots/score_histograms.png"}
+        "plots/accuracy.png", "plots/knn_curves.png", "plots/score_curves.png", "plots/score_histograms.png"}
     assert "tables/ablation.tex" in {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert not (tmp_path / "mlruns").exists() and not Path("mlruns").exists()
 
