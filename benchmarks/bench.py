@@ -9,11 +9,19 @@ Each section writes what it printed, with the date, machine, commit and command,
 Section "methods": training images/s of plain MoCo, MoCo + FT, MoCo + FT + score recording,
 MoCo with one BatchNorm instead of the split BatchNorm a single process uses, MoCo + FA, MoCo + HSG
 (one pair per view, and the demo row's setting: a quarter of the batch, width-8 generators), BYOL
-(+ FA) and SimSiam, each as a ratio to plain MoCo. Every ratio comes from paired rounds: MoCo and
+(+ FA), SimSiam and the supervised step of the same backbone (``method.name: supervised``, labels, plain
+BatchNorm: the speed-of-light reference; a MoCo step does about 4/3 of its work, so MoCo / supervised
+cannot exceed about 0.75), each as a ratio to plain MoCo. Every ratio comes from paired rounds: MoCo and
 the variant are timed back to back on the same batch (the order alternating from pair to pair), one
 ratio per pair, so machine noise that drifts hits both; the ratio printed is the geometric mean of
 the pairs with its 95 % Student t interval (on the log ratios), and where a goal applies, whether
 the interval's lower bound clears it. ``--only a,b`` times a subset (moco is always kept).
+MoCo + FT against the supervised step is taken per pair index (the two ratios to MoCo measured in the
+same pass over the variants), with its interval the same way. Each variant's first round (compilation,
+cuDNN autotuning, the queue filling) is timed apart from the steady rounds: with ``--compile`` the
+first round's excess over a steady round is the compile time. With ``--gpu`` the goals are also an
+absolute one (MoCo + FT >= 2500 images/s) and MoCo + FT >= 0.7 of the supervised step's images/s.
+``--results DIR`` writes the section's files there instead of ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from record import run_recorded
+from record import RESULTS, recorded
 
 from ftcl import config
 from ftcl.methods import build_method
@@ -43,6 +52,7 @@ FA = {"fa.enabled": True}  # Gaussian FA: augmented keys as positives, augmented
 HSG = {"hsg.enabled": True}  # a pair of generators sized to the resolution, one extra encoder pass per pair
 BYOL = {"method.name": "byol", "model.head": "mlp_bn"}
 SIMSIAM = {"method.name": "simsiam", "model.head": "mlp_bn"}
+SUPERVISED = {"method.name": "supervised"}  # the same backbone with labels: two views, cross-entropy, plain BN
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "moco": ({}, False),
     "moco+ft": (FT, False),
@@ -56,6 +66,7 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "byol+fa": ({**BYOL, **FA, "fa.placement": "parallel"}, False),
     "byol+scores": (BYOL, True),
     "simsiam": (SIMSIAM, False),
+    "supervised": (SUPERVISED, False),  # the speed-of-light reference
 }
 
 
@@ -68,6 +79,7 @@ class SyntheticImages:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crops_on_device: bool = True
+    num_classes: int = 1000  # the supervised step's classifier (ImageNet's 1000 classes)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,19 +90,27 @@ def _sync(device: torch.device) -> None:
 #: variant -> the lowest ratio to MoCo its goal allows (CPU demo model; the GPU goal is 0.98)
 GOALS = {"moco+ft": 0.97, "moco+ft+scores": 0.97}
 GPU_GOALS = {"moco+ft": 0.98, "moco+ft+scores": 0.98}
+#: --gpu: MoCo + FT's images/s at least this (ResNet-50, 224 px, K = 65536, batch 256, bf16, one GPU)
+GPU_RATE_GOAL = 2500.0
+#: --gpu: MoCo + FT's images/s over the supervised step's at least this (ideal: about 3/4)
+GPU_SUPERVISED_GOAL = 0.7
 
 
 def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: torch.Tensor, data,
                   device: torch.device, steps: int, pairs: int) -> dict[str, dict]:
-    """Per variant: ``images_per_s`` (median over its timed rounds) and ``ratios`` to ``moco`` (one per
-    pair of back-to-back rounds; the order alternates between pairs)."""
+    """Per variant: ``images_per_s`` (median over its timed rounds), ``ratios`` to ``moco`` (one per
+    pair of back-to-back rounds; the order alternates between pairs), ``first_round_s`` (the warm-up
+    round: compilation, autotuning, the queue filling) and ``round_s`` (median steady round)."""
     runners = {}
+    labels = torch.randint(0, data.num_classes, (images.shape[0],), generator=torch.Generator().manual_seed(1))
+    labels = labels.to(device)  # used by the methods that need labels only (TrainStep drops them otherwise)
     for name, (overrides, record) in variants.items():
         cfg = config.resolve(overrides={**base, **overrides})
         torch.manual_seed(0)
         layout = config.batch_layout(cfg)
         m = cfg.model
-        method = build_method(cfg, build_backbone(m.backbone, m.width, m.small_stem, data.channels), layout.bn_splits)
+        method = build_method(cfg, build_backbone(m.backbone, m.width, m.small_stem, data.channels), layout.bn_splits,
+                              data.num_classes)
         step = TrainStep.build(method, data, device, layout, cfg.augment, cfg.optim, cfg.method.momentum)
         recorder = ScoreRecorder(steps, 1, [0], cfg.scores.histogram_every, cfg.scores.bins, device, cfg.scores.rows,
                                  histogram_range(cfg.scores.range, cfg.ft.positive)) if record else None
@@ -103,14 +123,17 @@ def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: to
         _sync(device)
         t0 = time.perf_counter()
         for i in range(steps):
-            out = step(images, 0, 0.03)
+            out = step(images, 0, 0.03, labels)
             if recorder:
                 recorder.record(i, out.loss, out.pos, out.neg, out.temperature)
         _sync(device)
         return time.perf_counter() - t0
 
+    first: dict[str, float] = {}
     for name in variants:  # warm-up: allocator, cuDNN autotuning, compilation, the queue fills
-        timed(name)
+        first[name] = timed(name)
+        print(f"[bench] {name}: first round {first[name]:.1f} s (warm-up: compilation if any, autotuning, queue)",
+              flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     ratios: dict[str, list[float]] = {name: [] for name in variants if name != "moco"}
     for p in range(pairs):
@@ -120,8 +143,10 @@ def bench_methods(base: dict, variants: dict[str, tuple[dict, bool]], images: to
             times["moco"].append(t["moco"])
             times[name].append(t[name])
             ratios[name].append(t["moco"] / t[name])  # images/s of the variant over MoCo's
+        print(f"[bench] pair {p + 1}/{pairs} timed", flush=True)
     n = images.shape[0] * steps
-    return {name: {"images_per_s": n / statistics.median(times[name]), "ratios": ratios.get(name, [1.0])}
+    return {name: {"images_per_s": n / statistics.median(times[name]), "ratios": ratios.get(name, [1.0]),
+                   "first_round_s": first[name], "round_s": statistics.median(times[name])}
             for name in variants}
 
 
@@ -130,6 +155,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="ResNet-50 224 px K=65536 bf16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="optim.compile: torch.compile the encoders")
     parser.add_argument("--steps", type=int, default=None, help="steps per round")
+    parser.add_argument("--batch", type=int, default=256, help="global batch (a multiple of 8: split BN)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the section's .md and .json "
+                        "(default benchmarks/results/)")
     parser.add_argument("--rounds", type=int, default=12, help="pairs of back-to-back rounds per variant")
     parser.add_argument("--only", default=None, help="comma-separated variants to time (moco is always kept)")
     parser.add_argument("--sections", default="methods,loading,orchestration",
@@ -139,8 +167,13 @@ def main() -> None:
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     suffix = "-gpu" if args.gpu else ""
+
+    def run_recorded(name: str, section) -> None:  # record.run_recorded, into --results
+        with recorded(name, args.results) as numbers:
+            numbers.update(section() or {})
+
     if "methods" in sections:
-        run_recorded(f"methods{suffix}", lambda: bench_methods_section(args))
+        run_recorded(f"methods{suffix}{'-compile' if args.compile else ''}", lambda: bench_methods_section(args))
     if "loading" in sections and not args.gpu:
         run_recorded("loading", loading_section)
     if "orchestration" in sections:
@@ -192,17 +225,19 @@ def bench_methods_section(args: argparse.Namespace) -> dict:
         device, base, size, channels = torch.device("cuda"), GPU_MODEL, 224, 3
         torch.backends.cudnn.benchmark = True
         steps = args.steps or 20
-        desc = f"ResNet-50, 224 px, K=65536, batch 256, bf16 + channels_last on {torch.cuda.get_device_name()}"
+        desc = (f"ResNet-50, 224 px, K=65536, batch {args.batch}, bf16 + channels_last on "
+                f"{torch.cuda.get_device_name()}")
     else:
         device, base, size, channels = torch.device("cpu"), CPU_MODEL, 28, 1
         steps = args.steps or 12
-        desc = (f"ResNet-18 width 16, 28 px, K=4096, batch 256 on CPU ({torch.get_num_threads()} threads, "
+        desc = (f"ResNet-18 width 16, 28 px, K=4096, batch {args.batch} on CPU ({torch.get_num_threads()} threads, "
                 f"{platform.processor() or platform.machine()})")
-    base = {**base, "data.image_size": size, "optim.compile": args.compile}  # image size: HSG's generator
+    base = {**base, "data.image_size": size, "optim.compile": args.compile,  # image size: HSG's generator
+            "optim.batch_size": args.batch}
     desc += ", torch.compile" if args.compile else ""
-    data = SyntheticImages(size, channels, (0.5,) * channels, (0.25,) * channels)
+    data = SyntheticImages(size, channels, (0.5,) * channels, (0.25,) * channels, num_classes=1000 if args.gpu else 10)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (256, channels, size, size), dtype=torch.uint8, generator=gen).to(device)
+    images = torch.randint(0, 256, (args.batch, channels, size, size), dtype=torch.uint8, generator=gen).to(device)
     variants = VARIANTS
     if args.only:
         wanted = {"moco", *args.only.split(",")}
@@ -224,8 +259,36 @@ def bench_methods_section(args: argparse.Namespace) -> dict:
         if name in goals:
             goal = f">= {goals[name]}: {goal_verdict(low, high, goals[name])} (lower bound {low:.3f})"
         print(f"{name:<18}{r['images_per_s']:>11.1f}  {f'{mean:.3f} [{low:.3f}, {high:.3f}]':<26}{goal}")
-    return {name: {"images_per_s": r["images_per_s"], "ratio_to_moco": ratio_interval(r["ratios"])
-                   if name != "moco" else [1.0, 1.0, 1.0]} for name, r in results.items()}
+    print("first round, s (compilation, autotuning, queue) / steady round, s: " + ", ".join(
+        f"{name} {r['first_round_s']:.1f} / {r['round_s']:.2f}" for name, r in results.items()))
+    out = {name: {"images_per_s": r["images_per_s"], "ratio_to_moco": ratio_interval(r["ratios"])
+                  if name != "moco" else [1.0, 1.0, 1.0], "first_round_s": r["first_round_s"],
+                  "round_s": r["round_s"], "compile_s": max(0.0, r["first_round_s"] - r["round_s"])}
+           for name, r in results.items()}
+    goals_out = {}
+    if args.gpu and "moco+ft" in results:
+        rate = results["moco+ft"]["images_per_s"]
+        verdict = "met" if rate >= GPU_RATE_GOAL else "not met"
+        print(f"goal: moco+ft at least {GPU_RATE_GOAL:.0f} images/s: {verdict} ({rate:.0f})")
+        goals_out["moco+ft images/s"] = {"value": rate, "goal": GPU_RATE_GOAL, "verdict": verdict}
+    if "moco+ft" in results and "supervised" in results:
+        per_pair = [f / s for f, s in zip(results["moco+ft"]["ratios"], results["supervised"]["ratios"])]
+        mean, low, high = ratio_interval(per_pair)
+        goal = (f": goal >= {GPU_SUPERVISED_GOAL}: {goal_verdict(low, high, GPU_SUPERVISED_GOAL)}" if args.gpu
+                else "")
+        print(f"moco+ft / supervised images/s: {mean:.3f} [{low:.3f}, {high:.3f}] (a MoCo step does about 4/3 "
+              f"of a supervised step's work: ideal about 0.75){goal}")
+        out["moco+ft/supervised"] = [mean, low, high]
+        if args.gpu:
+            goals_out["moco+ft/supervised"] = {"value": [mean, low, high], "goal": GPU_SUPERVISED_GOAL,
+                                               "verdict": goal_verdict(low, high, GPU_SUPERVISED_GOAL)}
+    for name, goal_value in goals.items():
+        if name in results:
+            _, low, high = ratio_interval(results[name]["ratios"])
+            goals_out[f"{name}/moco"] = {"value": out[name]["ratio_to_moco"], "goal": goal_value,
+                                         "verdict": goal_verdict(low, high, goal_value)}
+    out["goals"] = goals_out
+    return out
 
 if __name__ == "__main__":
     main()
