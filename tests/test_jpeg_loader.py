@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from ftcl import config
 from ftcl.config.types import Data
 from ftcl.data import jpeg
+from ftcl.data.device_decode import EncodedBatch, EncodedCrops
 from ftcl.data.datasets import build_dataset, folder_transform, load_rgb
 from ftcl.errors import ConfigError, CorruptImageError
 
@@ -298,7 +299,50 @@ def test_corrupt_jpeg_fails_naming_the_file(tmp_path, jpeg_root):
 def test_decode_key_is_checked():
     assert config.defaults()["data"]["decode"] == "fast"
     assert config.resolve(overrides={"data.decode": "pil"}).data.decode == "pil"
+    assert config.resolve(overrides={"data.decode": "gpu"}).data.decode == "gpu"
     with pytest.raises(ConfigError, match="data.decode"):
-        config.resolve(overrides={"data.decode": "gpu"})
+        config.resolve(overrides={"data.decode": "nvjpeg"})
     with pytest.raises(ValueError, match="data.decode"):
         jpeg.check_decode("turbo")
+
+
+# ------------------------------------------------------------- data.decode: gpu (CPU decode standing in)
+def device_decoded(dataset, indices, device="cpu", workers=0):
+    """Items of a ``decode: gpu`` dataset, collated and decoded as the training step does (``.to``)."""
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=len(indices), num_workers=workers,
+                        collate_fn=dataset.collate)
+    batch, labels = next(iter(loader))
+    return batch.to(device), labels
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "eval_aug"])
+def test_device_decode_draws_the_reference_boxes_and_flips(jpeg_root, mode):
+    """Same seed -> the boxes and flips of the fast path (hence of torchvision's RandomResizedCrop), the
+    same RNG state after; the pixels within a grey level and a half of the fast path's (float resize
+    of a full-size decode against uint8 resize or a DCT-scaled decode)."""
+    gpu = build_dataset(cfg(jpeg_root, decode="gpu"), "train", mode, SCALE)
+    fast = build_dataset(cfg(jpeg_root, decode="fast"), "train", mode, SCALE)
+    assert isinstance(gpu.reader, EncodedCrops)
+    for i in range(len(gpu)):
+        torch.manual_seed(i)
+        item, label = gpu[i]
+        after_gpu = torch.rand(1)
+        torch.manual_seed(i)
+        expected = fast[i][0]
+        after_fast = torch.rand(1)
+        assert torch.equal(after_gpu, after_fast) and label == fast.labels[i]
+        views = EncodedBatch([item], SIZE, mode == "eval_aug").to("cpu")[0]
+        assert views.shape == expected.shape and views.dtype == torch.uint8
+        assert mad(views, expected) < 1.5, gpu.paths[i]
+
+
+def test_device_decode_batches_through_loader_workers(jpeg_root):
+    """A batch collated in a worker process and decoded by ``.to``: the shapes the training step takes;
+    the CMYK file (not for the device decoder) arrives as views made in the worker."""
+    gpu = build_dataset(cfg(jpeg_root, decode="gpu"), "train", "pretrain", SCALE)
+    cmyk = [i for i, p in enumerate(gpu.paths) if p.name == "cmyk.jpg"]
+    torch.manual_seed(0)
+    views, labels = device_decoded(gpu, range(len(gpu)), workers=1)
+    assert views.shape == (len(gpu), 2, 3, SIZE, SIZE) and views.dtype == torch.uint8
+    assert labels.tolist() == gpu.labels.tolist()
+    assert cmyk and gpu[cmyk[0]][0].views is not None and gpu[0][0].views is None

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 from ftcl.config.types import Data
+from ftcl.data.device_decode import EncodedCrops
 from ftcl.data.imagesets import (
     DATASETS,
     IMAGE_EXTENSIONS,
@@ -54,13 +55,14 @@ def folder_transform(mode: str, size: int, crop_scale: tuple[float, float]) -> C
 
 
 def folder_reader(mode: str, size: int, crop_scale: tuple[float, float], decode: str) -> dict[str, Callable]:
-    """``{"reader": path -> item}`` (``data.decode: fast``, modes ``pretrain`` and ``eval_aug``) or
+    """``{"reader": path -> item}`` (``data.decode: fast`` or ``gpu``, modes ``pretrain`` and ``eval_aug``) or
     ``{"transform": PIL image -> item}`` (``decode: pil``, and mode ``eval`` always): the
     :class:`FolderImageSet` arguments for ``mode``. Both draw the same crop boxes from the torch RNG."""
-    if check_decode(decode) == "fast" and mode == "pretrain":
-        return {"reader": FastCrops(size, crop_scale, views=2)}
-    if decode == "fast" and mode == "eval_aug":
-        return {"reader": FastCrops(size, crop_scale, views=1, flip=True, squeeze=True)}
+    readers = {"fast": FastCrops, "gpu": EncodedCrops}
+    if check_decode(decode) in readers and mode == "pretrain":
+        return {"reader": readers[decode](size, crop_scale, views=2)}
+    if decode in readers and mode == "eval_aug":
+        return {"reader": readers[decode](size, crop_scale, views=1, flip=True, squeeze=True)}
     return {"transform": folder_transform(mode, size, crop_scale)}
 
 

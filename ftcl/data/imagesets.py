@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ftcl.config.types import Data
+from ftcl.data.device_decode import EncodedBatch, EncodedCrops
 from ftcl.data.jpeg import DECODE_ERRORS, cannot_decode
 from ftcl.registry import Registry
 
@@ -136,6 +137,9 @@ class FolderImageSet(ImageSet):
         worker, as the default collate does) and handed on with the same strides."""
         if self.reader is None:
             return super().collate(batch)
+        if isinstance(self.reader, EncodedCrops):  # data.decode: gpu, decoded by the batch's .to(device)
+            return EncodedBatch([item for item, _ in batch], self.reader.size, self.reader.squeeze), \
+                torch.tensor([label for _, label in batch])
         images, labels = default_collate([(image.movedim(-3, -1), label) for image, label in batch])
         return images.movedim(-1, -3), labels
 

@@ -81,7 +81,7 @@ try:  # a declared dependency; without it (e.g. a bare GPU machine's Python) eve
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     simplejpeg = None
 
-DECODE_MODES = ("fast", "pil")
+DECODE_MODES = ("fast", "pil", "gpu")  # gpu: ftcl/data/device_decode.py
 DEFAULT_DECODE = "fast"
 DRAFT_REDUCTIONS = (8, 4, 2)  # the DCT scalings taken (1/8, 1/4, 1/2): libjpeg's SIMD ones, PIL's draft ones
 # what PIL raises on a file it cannot read or decode (a truncated file, a non-image, a bomb)
