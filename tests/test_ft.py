@@ -104,8 +104,6 @@ def test_uniform_lambda_and_bad_arguments():
     assert u.mean().item() == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError, match="distribution"):
         sample_lambda((2,), "gauss", 1.0, device="cpu")
-    with pytest.raises(ValueError, match="alpha"):
-        sample_lambda((2,), "beta", 0.0, device="cpu")
 
 
 def test_feature_transform_respects_start_epoch_and_modes():
@@ -129,6 +127,14 @@ def test_renormalize_puts_mixed_features_back_on_the_sphere():
         assert torch.allclose(t.norm(dim=1), torch.ones(t.shape[0]), atol=1e-5)
 
 
-def test_unknown_modes_are_rejected():
-    with pytest.raises(ValueError, match="positive.mode"):
-        FeatureTransform(side("sideways"), side())
+def test_unknown_modes_and_a_bad_alpha_are_rejected_when_the_config_is_resolved():
+    """The one place FT's settings are checked (the transform takes them as checked)."""
+    from ftcl import config
+    from ftcl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ft.positive.mode.*'sideways'"):
+        config.resolve(overrides={"ft.positive.mode": "sideways"})
+    with pytest.raises(ConfigError, match=r"ft.negative.mode.*'extrapolate'"):
+        config.resolve(overrides={"ft.negative.mode": "extrapolate"})
+    with pytest.raises(ConfigError, match=r"ft.positive.alpha.*must be > 0"):
+        config.resolve(overrides={"ft.positive.alpha": 0.0})

@@ -19,8 +19,8 @@ from torchvision import transforms
 from ftcl import config
 from ftcl.config.types import Data
 from ftcl.data import jpeg
-from ftcl.data.device_decode import EncodedBatch, EncodedCrops
 from ftcl.data.datasets import build_dataset, folder_transform, load_rgb
+from ftcl.data.device_decode import EncodedBatch, EncodedCrops
 from ftcl.errors import ConfigError, CorruptImageError
 
 SIZE = 32

@@ -41,7 +41,8 @@ def sample_lambda(
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw mixing coefficients b in [0, 1] on ``device``: b ~ Beta(alpha, alpha) or U(0, 1).
+    """Draw mixing coefficients b in [0, 1] on ``device``: b ~ Beta(alpha, alpha) (alpha > 0, which the
+    run config's schema guarantees) or U(0, 1).
 
     Beta(a, a) is sampled as G1 / (G1 + G2) with G1, G2 ~ Gamma(a, 1) drawn by
     ``torch._standard_gamma`` on the device, so no host-side sampling and no synchronisation.
@@ -51,8 +52,6 @@ def sample_lambda(
         return torch.rand(shape, device=device, dtype=dtype, generator=generator)
     if distribution != "beta":
         raise ValueError(f"distribution {distribution!r} is not one of {DISTRIBUTIONS}")
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
     conc = torch.full((2, *shape), float(alpha), device=device, dtype=torch.float32)
     g = torch._standard_gamma(conc)
     return (g[0] / (g[0] + g[1]).clamp_min(torch.finfo(torch.float32).tiny)).to(dtype)
@@ -101,11 +100,8 @@ class FeatureTransform:
 
     def __init__(self, positive: FTSide, negative: FTSide, start_epoch: int = 0):
         """``positive``/``negative``: the run config's ``ft.positive``/``ft.negative`` (mode, law,
-        alpha, granularity, renormalisation of each side); ``start_epoch``: ``ft.start_epoch``."""
-        if positive.mode not in ("none", "extrapolate", "interpolate"):
-            raise ValueError(f"ft.positive.mode {positive.mode!r} is not none|extrapolate|interpolate")
-        if negative.mode not in ("none", "interpolate"):
-            raise ValueError(f"ft.negative.mode {negative.mode!r} is not none|interpolate")
+        alpha, granularity, renormalisation of each side, checked when the config was resolved);
+        ``start_epoch``: ``ft.start_epoch``."""
         self.positive, self.negative, self.start_epoch = positive, negative, start_epoch
 
     @property
