@@ -58,17 +58,24 @@ def bn_splits(cfg: RunConfig, world: int) -> int:
 
 
 def batch_layout(cfg: RunConfig, world: int = 1) -> BatchLayout:
-    """The :class:`BatchLayout` of ``cfg`` on ``world`` processes; ``ConfigError`` when the global
-    batch does not divide among the processes, or the per-process batch among the BN sub-batches,
-    or when ``method.shuffle_bn`` asks for a Shuffle-BN that cannot happen (one process, one sub-batch)."""
+    """The :class:`BatchLayout` of a resolved ``cfg`` on ``world`` processes (arithmetic only: the
+    config was checked for this ``world`` when it was resolved, :func:`check_batch`)."""
+    per_process = cfg.optim.batch_size // world
+    return BatchLayout(cfg.optim.batch_size, per_process, world, bn_splits(cfg, world))
+
+
+def check_batch(cfg: RunConfig, world: int = 1) -> BatchLayout:
+    """``ConfigError`` when the global batch does not divide among the ``world`` processes, or the
+    per-process batch among the BN sub-batches, or when ``method.shuffle_bn`` asks for a Shuffle-BN
+    that cannot happen (one process, one sub-batch); else the layout."""
     batch, method = cfg.optim.batch_size, cfg.method
     if batch % world:
         raise ConfigError(
             f"key 'optim.batch_size' is {batch}, the whole job's batch, which {world} processes cannot share "
             f"equally; use a multiple of {world}"
         )
-    per_process = batch // world
-    splits = bn_splits(cfg, world)
+    layout = batch_layout(cfg, world)
+    per_process, splits = layout.per_process, layout.bn_splits
     if per_process % splits:
         raise ConfigError(
             f"key 'method.bn_splits' is {splits}{' (auto)' if method.bn_splits is None else ''}, which does "
@@ -86,13 +93,13 @@ def batch_layout(cfg: RunConfig, world: int = 1) -> BatchLayout:
             "normalised apart from its query. Set method.bn_splits >= 2 (null = 8), or method.shuffle_bn: false "
             "to train without Shuffle-BN knowingly"
         )
-    return BatchLayout(batch, per_process, world, splits)
+    return layout
 
 
 def check(cfg: RunConfig, world: int = 1, stages: Sequence[str] = STAGES) -> BatchLayout:
     """Every cross-key rule of ``cfg`` that the ``stages`` to run involve, for a pretraining on ``world``
     processes (the other stages run as one process); returns the pretraining's batch layout."""
-    layout = batch_layout(cfg, world if PRETRAIN in stages else 1)
+    layout = check_batch(cfg, world if PRETRAIN in stages else 1)
     if cfg.method.name in WITHOUT_FA_HSG:
         for section, on in (("fa", cfg.fa.enabled), ("hsg", cfg.hsg.enabled)):
             if on:
