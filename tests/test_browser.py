@@ -3,12 +3,16 @@ Debian's chromium (headless, through Playwright's Python package; no browser dow
 
 A tiny two-row experiment (digits, ResNet-18 of width 8, 2 epochs) is run stage by stage
 (`ftcl pretrain`, `ftcl linear`, `ftcl knn` per row, then `ftcl aggregate`), laid out as the
-pipeline lays it out. Then, in the browser: the experiment's runs table lists the parent run of
-every row, one pretraining run's artifact viewer shows the score-distribution PNG (loaded, natural
-size > 0), and `report.html` holds the ablation table with every row. A second, untrained store
+pipeline lays it out. Then, in the browser: the experiment's runs table lists the row run of every
+row, with its parent run under it, one pretraining run's artifact viewer shows the
+score-distribution PNG (loaded, natural size > 0), and `report.html` holds the ablation table with
+every row. A second, untrained store
 (`Tracker`s logging what the stages log, in seconds) checks how rows are compared: the experiment
 opens on its runs table, and MLflow's compare view of two parent runs shows each row's overrides
-and headline results. Screenshots go to ``test-artifacts/browser/`` (git-ignored).
+and headline results. A third store of two rows x two seeds (``Tracker``s and result files, then
+`ftcl aggregate`), opened by `ftcl ui` with no option in its project folder, shows the row runs at
+the top of the runs table and compares them on the ablation table's numbers (means, deltas and
+their intervals). Screenshots go to ``test-artifacts/browser/`` (git-ignored).
 
 Needs ``/usr/bin/chromium`` (Debian package ``chromium``) and ``pip install playwright``; the
 browser tests skip, saying which is missing, without them. `playwright install` is never run.
@@ -137,6 +141,12 @@ def test_runs_read_well_in_the_store(store):
                     "linear/top1": children["linear"].data.metrics["linear/top1"],
                     "knn/top1": children["knn"].data.metrics["knn/top1"]}
         assert parent.data.metrics == headline, "the parent shows the latest headline result of each stage"
+        (row_run,) = by_name[row]  # the row run above it, with the ablation table's numbers (one seed)
+        assert row_run.data.tags["ftcl.stage"] == "row" and "mlflow.parentRunId" not in row_run.data.tags
+        assert tags["mlflow.parentRunId"] == row_run.info.run_id
+        assert row_run.data.params == overrides
+        assert row_run.data.metrics["linear_top1/mean"] == pytest.approx(headline["linear/top1"])
+        assert row_run.data.metrics["knn_top1/n"] == 1 and "knn_top1/std" not in row_run.data.metrics
         files = [a.path for a in client.list_artifacts(pretrain, "score_distribution")]
         assert "score_distribution/score_histograms.png" in files, files
         assert any(f.endswith(".parquet") for f in files), files
@@ -178,7 +188,11 @@ def test_a_parent_run_shows_the_state_of_its_stages(tmp_path):
     knn.finish()
     assert parent().info.status == "FINISHED"
     exp = client.get_experiment_by_name("states")
-    assert len(client.search_runs([exp.experiment_id])) == 4  # one parent, three stages
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["ftcl.stage"] for r in runs) == ["knn", "linear", "parent", "pretrain", "row"]
+    (row,) = [r for r in runs if r.data.tags["ftcl.stage"] == "row"]  # the row run above the parent
+    assert row.info.run_name == "+ft" and row.info.status == "FINISHED"
+    assert parent().data.tags["mlflow.parentRunId"] == row.info.run_id
 
 
 # --------------------------------------------------------------------------- the browser
@@ -211,7 +225,15 @@ def ui(store):
 @contextlib.contextmanager
 def _serve(uri: str, experiment: str, cwd: Path) -> Iterator[str]:
     """`ftcl ui --experiment` on ``uri`` as a person starts it: the URL it printed, then Ctrl-C."""
-    cmd = [sys.executable, "-m", "ftcl.cli", "ui", "--tracking-uri", uri, "--experiment", experiment, "--port", "0"]
+    with _ftcl_ui(["--tracking-uri", uri, "--experiment", experiment], cwd) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def _ftcl_ui(args: list[str], cwd: Path) -> Iterator[tuple[str, list[str]]]:
+    """`ftcl ui ARGS --port 0` in ``cwd`` as a person starts it: (the URL it printed, its output
+    lines so far), then Ctrl-C."""
+    cmd = [sys.executable, "-m", "ftcl.cli", "ui", *args, "--port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=cwd)
     lines: list[str] = []
@@ -223,7 +245,7 @@ def _serve(uri: str, experiment: str, cwd: Path) -> Iterator[str]:
         time.sleep(0.2)
     try:
         assert url, f"ftcl ui printed no URL:\n{''.join(lines)}"
-        yield url
+        yield url, lines
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
@@ -260,9 +282,8 @@ def test_the_ui_lists_every_row_and_shows_a_score_distribution_png(chromium, sto
 
 def _walk_the_ui(page, url: str) -> None:
     page.goto(url)
-    # the experiment's runs table: one parent run per row, named "<row> · seed <k>"
-    for row in ROWS:
-        page.get_by_role("link", name=f"{row} · seed 0", exact=True).wait_for()
+    # the experiment's runs table: one row run per row, its parent run "<row> · seed <k>" under it
+    _expand_row_runs(page, ROWS)
     _shot(page, "1-runs")
 
     # as a person who works with training runs would: the UI's "Model training" mode kept (MLflow
@@ -275,6 +296,7 @@ def _walk_the_ui(page, url: str) -> None:
     page.reload()
 
     # a row's parent run: its description lists the settings of the row
+    _expand_row_runs(page, ["+ft"])
     page.get_by_role("link", name="+ft · seed 0", exact=True).click()
     note = page.get_by_text("ft.positive.mode", exact=True).first
     note.scroll_into_view_if_needed()
@@ -282,6 +304,7 @@ def _walk_the_ui(page, url: str) -> None:
     page.go_back()
 
     # expand the moco_v2 parent run, open its pretraining run: curves of the per-epoch metrics
+    _expand_row_runs(page, ["moco_v2"])
     row = page.locator("[role=row]", has_text="moco_v2 · seed 0")
     row.locator("[col-id='attributes.`Run Name`'] button").first.click()
     page.get_by_role("link", name="pretrain", exact=True).first.click()
@@ -397,8 +420,7 @@ def _compare_rows(page, url: str) -> None:
     page.add_init_script(CLOSED_ASSISTANT)
     # the URL `ftcl ui` prints opens the experiment on its runs table (not MLflow 3's GenAI overview)
     page.goto(url)
-    for row in COMPARE_ROWS:
-        page.get_by_role("link", name=f"{row} · seed 0", exact=True).wait_for()
+    _expand_row_runs(page, COMPARE_ROWS)  # each row run holds its seed's parent run
     assert "/runs" in page.url and "workflowType=machine_learning" in page.url, page.url
     page.get_by_role("heading", name="Runs").wait_for()
     assert not page.get_by_text("Detect Issues").count(), "a GenAI page"
@@ -435,9 +457,25 @@ def _compare_rows(page, url: str) -> None:
     page.get_by_role("button", name="Model training", exact=True).click()
     page.wait_for_function("() => localStorage.getItem('mlflow.workflowType_v1') === '\"machine_learning\"'")
     experiment.click()
-    page.get_by_role("link", name="+ft · seed 0", exact=True).wait_for()
+    page.get_by_role("link", name="+ft", exact=True).wait_for()  # the row run
     assert "/runs" in page.url, page.url
     _shot(page, "9-experiment-list-model-training")
+
+
+def _expand_row_runs(page, rows) -> None:
+    """Open the row runs of ``rows`` in the runs table (its top level), showing their seed 0 parent runs."""
+    for row in rows:
+        page.get_by_role("link", name=row, exact=True).wait_for()
+        seed_run = page.get_by_role("link", name=f"{row} · seed 0", exact=True)
+        if seed_run.count():
+            continue  # open already
+        _row_line(page, row).locator("[col-id='attributes.`Run Name`'] button").first.click()
+        seed_run.wait_for()
+
+
+def _row_line(page, run_name: str):
+    """The runs table's line of the run named exactly ``run_name``."""
+    return page.locator("[role=row]").filter(has=page.get_by_role("link", name=run_name, exact=True))
 
 
 def _number(value: float) -> str:
@@ -449,6 +487,134 @@ def _compare_table_row(page, header: str) -> list[str]:
     """The cells of the compare view's table row headed ``header`` (one per run, in column order)."""
     row = page.locator("tr").filter(has=page.locator(f"th:text-is('{header}')")).first
     return [cell.strip() for cell in row.locator("td").all_inner_texts()]
+
+
+# --------------------------------------------------------------------------- row runs
+
+ROW_EXPERIMENT = "tiny-rows"
+FT_OVERRIDES = {"ft.positive.mode": "extrapolate", "ft.negative.mode": "interpolate"}
+#: row -> (overrides, seed -> (linear top-1, kNN top-1)) written as the stages write them
+ROW_RESULTS = {
+    "moco_v2": ({}, {0: (40.25, 35.5), 1: (41.75, 36.5)}),
+    "+ft": (FT_OVERRIDES, {0: (43.5, 37.25), 1: (44.0, 38.75)}),
+}
+
+
+@pytest.fixture(scope="module")
+def row_store(tmp_path_factory):
+    """A project folder (``config/config.yaml``, ``results/``) of two rows x two seeds whose stages
+    logged through ``Tracker`` and wrote their result files as the stages do (no training), then
+    ``ftcl aggregate``: the row runs hold the ablation table's numbers."""
+    from ftcl import config
+    from ftcl.cli import main
+    from ftcl.tracking import Tracker
+
+    work = tmp_path_factory.mktemp("rows")
+    results = work / "results"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    start = time.monotonic()
+    for row, (overrides, seeds) in ROW_RESULTS.items():
+        for seed, (linear, knn) in seeds.items():
+            cfg = config.resolve(overrides={
+                **overrides, "experiment": ROW_EXPERIMENT, "seed": seed, "tracking.uri": uri,
+                "tracking.tags.row": row, "tracking.tags.seed": seed, "tracking.tags.overrides": json.dumps(overrides),
+                "tracking.tags.description": f"row {row}"})
+            seed_dir = results / ROW_EXPERIMENT / row / f"seed{seed}"
+            pretrain = {"epochs": 2, "scores/pos_mean": {"moco_v2": 0.5, "+ft": 0.6}[row] + seed / 10,
+                        "scores/neg_mean": 0.1}
+            for stage, result in (("pretrain", pretrain), ("linear", {"top1": linear}), ("knn", {"top1": knn})):
+                with Tracker(cfg, seed_dir / stage, stage) as tracker:
+                    tracker.log_metrics({"pretrain/loss": 6.0, "scores/pos_mean": result["scores/pos_mean"]}
+                                        if stage == "pretrain" else {f"{stage}/top1": result["top1"]}, step=2)
+                (seed_dir / stage / f"{stage}.json").write_text(json.dumps(result))
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump({
+        "experiment": ROW_EXPERIMENT, "results_dir": str(results), "seeds": [0, 1],
+        "stages": ["pretrain", "linear", "knn"],
+        "ablations": [{"name": row, "baseline": row == "moco_v2", "description": f"row {row}", "overrides": overrides}
+                      for row, (overrides, _) in ROW_RESULTS.items()]}, sort_keys=False))
+    assert main(["aggregate", "--configfile", str(work / "config" / "config.yaml")]) == 0
+    print(f"[row store] built in {time.monotonic() - start:.1f} s")
+    return {"uri": uri, "work": work}
+
+
+def test_row_runs_hold_the_tables_numbers_with_the_seed_runs_under_them(row_store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(row_store["uri"])
+    exp = client.get_experiment_by_name(ROW_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    rows = {r.info.run_name: r for r in runs if r.data.tags.get("ftcl.stage") == "row"}
+    assert set(rows) == set(ROW_RESULTS)
+    for run in runs:
+        stage = run.data.tags.get("ftcl.stage")
+        if stage == "parent":
+            assert run.data.tags["mlflow.parentRunId"] == rows[run.data.tags["ftcl.row"]].info.run_id
+        elif stage in ("row", "aggregate"):
+            assert "mlflow.parentRunId" not in run.data.tags  # the runs table's top level
+    ft = rows["+ft"].data.metrics
+    assert ft["linear_top1/mean"] == 43.75 and ft["linear_top1/n"] == 2
+    assert ft["linear_top1/delta"] == pytest.approx(2.75)  # paired: (43.5 - 40.25, 44.0 - 41.75)
+    assert ft["linear_top1/delta_low"] == pytest.approx(2.75 - 12.706204736 * 0.5)  # t(0.975, 1) sd 1 / sqrt 2
+    assert rows["moco_v2"].data.metrics["knn_top1/mean"] == 36.0
+    assert rows["moco_v2"].data.metrics["scores_pos/mean"] == pytest.approx(0.55)  # the last epoch's, seeds 0 and 1
+
+
+@pytest.fixture(scope="module")
+def row_ui(row_store):
+    """`ftcl ui` started in the project folder with no option: it opens the config's experiment."""
+    with _ftcl_ui([], row_store["work"]) as (url, lines):
+        yield url, lines
+
+
+@pytest.mark.slow
+def test_the_experiment_shows_its_row_runs_on_top_and_compares_them(chromium, row_store, row_ui, page):
+    url, lines = row_ui
+    assert f"experiment '{ROW_EXPERIMENT}': the experiment of config/config.yaml in this folder" in "".join(lines)
+    try:
+        _compare_row_runs(page, url)
+    except Exception:
+        _shot(page, "failure-row-runs")
+        raise
+
+
+def _compare_row_runs(page, url: str) -> None:
+    page.add_init_script(CLOSED_ASSISTANT)
+    page.goto(url)  # the runs table of the config's experiment
+    for row in ROW_RESULTS:
+        page.get_by_role("link", name=row, exact=True).wait_for()
+    assert "workflowType=machine_learning" in page.url, page.url
+    top = [name for name in page.locator("[role=row] [col-id='attributes.`Run Name`']").all_inner_texts()
+           if name.strip()]
+    _shot(page, "10-row-runs-on-top")
+    assert not [name for name in top if "· seed" in name], f"seed runs shown at the top level: {top}"
+    _expand_row_runs(page, ["+ft"])  # its seeds' runs are under it
+    page.get_by_role("link", name="+ft · seed 1", exact=True).wait_for()
+    _shot(page, "11-row-run-open")
+    _row_line(page, "+ft").locator("[col-id='attributes.`Run Name`'] button").first.click()  # closed again:
+    page.get_by_role("link", name="+ft · seed 1", exact=True).wait_for(state="hidden")  # selecting it selects them
+
+    # select both row runs and open MLflow's compare view: the table's numbers side by side
+    for row in ROW_RESULTS:
+        _row_line(page, row).locator("input.ag-checkbox-input").first.check()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("Comparing 2 Runs").wait_for()
+    switch = page.get_by_role("switch", name="Metrics - Show diff only")
+    switch.wait_for()
+    switch.scroll_into_view_if_needed()
+    _shot(page, "12-compare-row-runs")
+    page.set_viewport_size({"width": 1440, "height": 1600})  # the run names and the metrics in one picture
+    page.screenshot(path=str(SHOTS / "12-compare-row-runs-full.png"), full_page=True)
+    text = page.inner_text("body")
+    for row in ROW_RESULTS:
+        assert row in text, row
+    shown = page.evaluate(METRICS_GRID_JS)
+    runs = _compare_table_row(page, "Run Name:")
+    assert sorted(runs) == sorted(ROW_RESULTS), runs
+    assert shown["linear_top1/mean"] == [_number({"+ft": 43.75, "moco_v2": 41.0}[run]) for run in runs], shown
+    assert "linear_top1/delta_low" in shown and "linear_top1/delta_high" in shown, shown
+    assert shown["scores_pos/mean"] == [_number({"+ft": 0.65, "moco_v2": 0.55}[run]) for run in runs], shown
+    assert "43.75" in page.inner_text("body")
 
 
 #: MLflow's assistant panel closed (screenshots show the page); the UI's mode is left alone
