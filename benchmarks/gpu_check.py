@@ -117,14 +117,21 @@ def part_environment(out: Path) -> int:
     the check must not need (they must not, even where it is installed)."""
     import importlib
     import importlib.util
+    from importlib import metadata
 
     info: dict = {"python": platform.python_version(), "executable": sys.executable, "cpus": _cpus()}
-    for name in ("torch", "torchvision", "numpy", "jsonschema", "simplejpeg", "PIL", "yaml", "pandas", "scipy"):
+    for name, dist in (("torch", "torch"), ("torchvision", "torchvision"), ("numpy", "numpy"), ("PIL", "pillow"),
+                       ("yaml", "pyyaml"), ("pandas", "pandas"), ("scipy", "scipy"), ("pyarrow", "pyarrow"),
+                       ("triton", "triton"), ("jsonschema", "jsonschema"), ("simplejpeg", "simplejpeg")):
         try:
             module = importlib.import_module(name)
-            info[name] = getattr(module, "__version__", "?")
         except ImportError as err:
             info[name] = f"missing ({err})"
+            continue
+        try:
+            info[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[name] = getattr(module, "__version__", "?")
     import torch
 
     info["cuda"] = torch.version.cuda
@@ -195,6 +202,8 @@ def part_loader(root: Path, batch: int, batches: int, seconds: float, out: Path)
                                     "tracking.enabled": False})
     data = build_dataset(cfg.data, "train", "pretrain", crop_scale=cfg.augment.crop_scale)
     loader = _loader(data, workers, config.batch_layout(cfg), device, 0)
+    if len(loader) == 0:
+        raise SystemExit(f"{len(data)} files: fewer than one batch of {batch}")
     warm, n, start, epochs = 2, 0, 0.0, 0
     while n < batches * batch and (not start or time.perf_counter() - start < seconds):
         epochs += 1
