@@ -198,7 +198,7 @@ def part_loader(root: Path, batch: int, batches: int, seconds: float, out: Path)
     workers = _cpus()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config.resolve(overrides={"data.dataset": "imagefolder", "data.root": str(root), "data.image_size": 224,
-                                    "data.num_workers": workers, "optim.batch_size": batch,
+                                    "data.decode": "fast", "data.num_workers": workers, "optim.batch_size": batch,
                                     "tracking.enabled": False})
     data = build_dataset(cfg.data, "train", "pretrain", crop_scale=cfg.augment.crop_scale)
     loader = _loader(data, workers, config.batch_layout(cfg), device, 0)
@@ -330,7 +330,7 @@ def commands(part: str, sizes: Sizes, out: Path, root: Path, pretrain_dir: Path)
                 "--batches", str(sizes.loader_batches), "--seconds", str(sizes.loader_seconds)]
     if part == "pretrain":
         return [py, "-m", "ftcl.cli", "pretrain", "--out", str(pretrain_dir), "--set", "data.dataset=imagefolder",
-                f"data.root={root}", f"data.num_workers={_cpus()}", "optim.epochs=2",
+                f"data.root={root}", "data.decode=fast", f"data.num_workers={_cpus()}", "optim.epochs=2",
                 "ft.positive.mode=extrapolate", "ft.negative.mode=interpolate", "tracking.enabled=false",
                 *sizes.pretrain]
     raise ValueError(part)
