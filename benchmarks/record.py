@@ -48,7 +48,10 @@ def machine() -> str:
 def commit() -> str:
     """The checkout's commit, marked when the working tree differs from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:  # no git on this machine (e.g. a bare GPU node image)
+            return ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", "ftcl", "benchmarks", "workflow", "config")
