@@ -311,10 +311,9 @@ def test_a_stage_that_raises_or_is_cancelled_fails_its_rule_with_the_error_and_l
     diverges_log = exp_dir / "logs" / "pretrain" / "diverges" / "seed0.log"
     diverged = submitted_job_id(diverges_log)
     assert re.search(r"Error in rule pretrain:\n(    .*\n)*?    log: \S+/logs/pretrain/diverges/seed0.log", output)
-    error = f"pretrain: job {diverged} failed: `ftcl pretrain --config"
-    message = "ftcl pretrain: error: loss became NaN/inf at iteration"
+    error = f"pretrain: job {diverged} failed: NonFiniteLossError: loss became NaN/inf at iteration"
     for text in (output, diverges_log.read_text()):
-        assert error in text and message in text, text[-4000:]
+        assert error in text, text[-4000:]
         assert re.search(rf"pretrain: logs: \S+/{diverged}_0_log.out and \S+/{diverged}_0_log.err", text)
     assert slurm_cluster.wait_for_end(diverged) == "FAILED"
 
