@@ -31,6 +31,7 @@ from ftcl import config as runconfig
 from ftcl.config import RunConfig
 from ftcl.constants import PRETRAIN, RESULTS_DIR, STAGES
 from ftcl.errors import ConfigError
+from ftcl.pipeline import smoke
 from ftcl.pipeline.digests import changed_keys, digest, stage_digest, stage_view
 from ftcl.pipeline.rows import (
     RESERVED_NAMES,
@@ -201,9 +202,11 @@ def load(cfg: Mapping, *, resolve_runs: bool = True, check_paths: bool = True,
     """Check a pipeline config and resolve every row's run config.
 
     ``resolve_runs=False`` checks rows and names only (aggregation, which needs no dataset);
-    ``check_paths=False`` skips the dataset-folder checks.
+    ``check_paths=False`` skips the dataset-folder checks. A config with ``smoke: true`` becomes its
+    smoke version first (:func:`ftcl.pipeline.smoke.apply`; it writes the data of missing roots unless
+    one of the two is off), whose last layer of overrides goes on top of every row's.
     """
-    cfg = validate(cfg, source)
+    cfg = smoke.apply(validate(cfg, source), generate=resolve_runs and check_paths)
     check_results_folder(cfg)
     rows = parse_rows(cfg)
     if not resolve_runs:
@@ -229,8 +232,8 @@ def load(cfg: Mapping, *, resolve_runs: bool = True, check_paths: bool = True,
             "tracking": {**tracking, "tags": {"row": row.name, "description": row_description(row),
                                               "overrides": json.dumps(row.overrides, sort_keys=True)}}})
         try:
-            run_cfg = runconfig.resolve(overrides=row.overrides, base=base, world=stage_world(cfg, PRETRAIN),
-                                        stages=planned)
+            run_cfg = runconfig.resolve(overrides={**row.overrides, **smoke.overrides(cfg, row.name)}, base=base,
+                                        world=stage_world(cfg, PRETRAIN), stages=planned)
         except ConfigError as err:
             raise ConfigError(f"{where}: {str(err).removeprefix('config: ')}") from None
         if check_paths:

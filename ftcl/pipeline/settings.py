@@ -71,4 +71,6 @@ def check_slurm_profile(argv: Sequence[str], env_profile: str | None, config_set
             "`config:` entry, so stages would run on this host or without your cluster settings. Put those "
             "--config values in the profile's `config:` (slurm/profile.yaml) instead, or give the launcher "
             "settings in --config too, e.g. launcher='{name: slurm, slurm: {partition: gpu}}' (docs/SLURM.md)."
+            + (" For a smoke run, layer config/overlays/smoke.yaml on your config instead of --config smoke=true: "
+               "--configfile <your config> config/overlays/smoke.yaml." if "smoke" in (config_settings or {}) else "")
         )

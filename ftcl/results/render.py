@@ -148,9 +148,11 @@ def display_ablation(table: pd.DataFrame, digits: int = 2, latex: bool = False) 
 
 
 def table_notes(table: pd.DataFrame) -> list[str]:
-    """One-line notes printed under the ablation table (what ± and Δ mean, the shared protocol)."""
+    """One-line notes printed under the ablation table (the smoke note first when the table is a smoke
+    run's, :func:`write_tables`; what ± and Δ mean, the shared protocol)."""
     confidence = table.attrs.get("confidence", 0.95)
-    notes = ["mean ± sample std (ddof=1) over seeds"]
+    notes = [table.attrs["smoke"]] if table.attrs.get("smoke") else []
+    notes.append("mean ± sample std (ddof=1) over seeds")
     baseline = table.attrs.get("baseline")
     if table["reference"].notna().any():
         against = ("the row in column 'Δ vs'" + (f" (default: the baseline row {baseline})" if baseline else "")
@@ -237,13 +239,36 @@ def to_latex(shown: pd.DataFrame, notes: Sequence[str] = (), math_columns: Itera
     return "\n".join(lines) + "\n"
 
 
+def smoke_note(tables_dir: str | Path) -> str | None:
+    """The smoke note of the experiment whose ``tables/`` is ``tables_dir``: from the pipeline config
+    aggregation reads beside it (``<experiment>/pipeline.yaml``), None when that is not a smoke config."""
+    import yaml
+
+    from ftcl.pipeline import smoke
+
+    path = Path(tables_dir).parent / "pipeline.yaml"
+    try:
+        cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return smoke.note(cfg) if isinstance(cfg, dict) else None
+
+
 def write_tables(table: pd.DataFrame, paper: pd.DataFrame | None, floor: pd.DataFrame | None,
-                 tables_dir: str | Path, digits: int = 2) -> list[Path]:
+                 tables_dir: str | Path, digits: int = 2, note: str | None = None) -> list[Path]:
     """Write ``ablation.{csv,md,tex}``, and ``paper.*`` / ``floor.*`` when they have lines. The CSV
-    files keep every number (means, stds, intervals, the interval method)."""
+    files keep every number (means, stds, intervals, the interval method).
+
+    ``note`` (default: :func:`smoke_note`, a smoke run's "Smoke run of ...: amounts shrunk, not
+    results") is the first line of every Markdown table and a LaTeX comment atop every ``.tex``; the CSV
+    files stay plain data. It is also kept in ``table.attrs["smoke"]``, so :func:`table_notes` (the
+    printed table, report.html) starts with it."""
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
-    notes = table_notes(table)
+    note = note if note is not None else smoke_note(tables_dir)
+    if note:
+        table.attrs["smoke"] = note
+    notes = [n for n in table_notes(table) if n != note]
     tex_math = [metric_label(m, table["protocol"]) for m in present_metrics(table)]
     outputs = {
         "ablation.csv": table.to_csv(index=False, float_format="%.4f"),
@@ -265,6 +290,10 @@ def write_tables(table: pd.DataFrame, paper: pd.DataFrame | None, floor: pd.Data
         }
     written = []
     for name, text in outputs.items():
+        if note and name.endswith(".md"):
+            text = f"{note}\n\n{text}"
+        elif note and name.endswith(".tex"):
+            text = f"% {latex_escape(note)}\n{text}"
         path = tables_dir / name
         path.write_text(text)
         written.append(path)

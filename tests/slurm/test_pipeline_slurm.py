@@ -167,6 +167,21 @@ def test_a_command_line_config_that_replaces_the_profiles_config_stops_the_pipel
     assert "ftcl stage pretrain --launcher slurm --option 'partition=\"gpu\"' --option cpus_per_task=2" in out
 
 
+@pytest.mark.slow
+def test_a_smoke_switch_on_the_command_line_under_the_slurm_profile_points_to_the_overlay(tmp_path):
+    cfg = copy.deepcopy(TINY)
+    cfg["launcher"]["name"] = "slurm"
+    config = write_config(tmp_path, cfg)
+    proc = run_snakemake(tmp_path, config, "-n", "--config", "smoke=true", timeout=120)
+    assert proc.returncode != 0 and "layer config/overlays/smoke.yaml on your config" in proc.stdout + proc.stderr
+    # the overlay keeps the profile's config: the smoke experiment is planned as SLURM jobs
+    cmd = [*snakemake_cmd(tmp_path, config), str(REPO / "config" / "overlays" / "smoke.yaml"), "-n"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"results/{cfg['experiment']}-smoke/" in out and "ftcl stage pretrain --launcher slurm" in out
+
+
 # --------------------------------------------------------------------------- on the cluster
 
 
@@ -367,3 +382,39 @@ def test_a_two_gpu_stage_trains_ddp_over_two_tasks_with_gloo_on_the_cpu(slurm_cl
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [mlflow_run] = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert mlflow_run.data.tags["slurm.job_id"] == job_id and mlflow_run.info.status == "FINISHED"
+
+
+@pytest.mark.slurm
+def test_a_paper_config_in_smoke_mode_runs_every_stage_as_a_capped_slurm_job(slurm_cluster, tmp_path):
+    # config/paper/hsg_cifar10.yaml as a user has it, pointed at this cluster's partition (1 CPU per job
+    # here: the machine has 2 cores); smoke mode caps its GPUs, memory and time and generates CIFAR-10
+    cfg = yaml.safe_load((REPO / "config" / "paper" / "hsg_cifar10.yaml").read_text())
+    cfg["defaults"]["data"]["root"] = str(tmp_path / "no-cifar-here")
+    cfg["launcher"]["slurm"] |= {"partition": slurm_cluster.partition, "cpus_per_task": 1}
+    config = write_config(tmp_path, cfg)
+    start = time.monotonic()
+    # --config smoke=true would replace the profile's config: config/overlays/smoke.yaml is layered on instead
+    cmd = [*snakemake_cmd(tmp_path, config), str(REPO / "config" / "overlays" / "smoke.yaml")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    print(f"smoke run of config/paper/hsg_cifar10.yaml on the local SLURM cluster: {wall:.0f} s")
+    exp_dir = tmp_path / "results" / f"{cfg['experiment']}-smoke"
+    assert not (tmp_path / "results" / cfg["experiment"]).exists()
+    jobs = []
+    for row in cfg["ablations"]:
+        for stage in cfg["stages"]:
+            assert (exp_dir / row["name"] / "seed0" / f"{stage}.done").is_file(), (row["name"], stage)
+            jobs.append(submitted_job_id(exp_dir / "logs" / stage / row["name"] / "seed0.log"))
+    assert all(jobs) and len(set(jobs)) == len(cfg["ablations"]) * len(cfg["stages"])
+    for job_id in jobs:  # every stage a SLURM job, within smoke mode's caps
+        assert slurm_cluster.wait_for_end(job_id) == "COMPLETED"
+        [acct] = sacct_rows(job_id, "AllocTRES", "TimelimitRaw", "ReqMem")
+        assert "gres/gpu=2" not in acct["AllocTRES"] and int(acct["TimelimitRaw"]) <= 30, acct
+        assert acct["ReqMem"] in ("16G", "16384M", "16Gn"), acct  # the paper's 32 GB, capped
+    table = pd.read_csv(exp_dir / "tables" / "ablation.csv")
+    assert table["row"].tolist() == [row["name"] for row in cfg["ablations"]]
+    assert (exp_dir / "tables" / "ablation.md").read_text().startswith(
+        f"Smoke run of {cfg['experiment']}: amounts shrunk, not results")
+    runs = mlflow_runs(tmp_path / "results", f"{cfg['experiment']}-smoke")  # its own MLflow experiment
+    assert {stage for (_, stage) in runs} >= set(cfg["stages"]), sorted(runs, key=str)
