@@ -2,24 +2,30 @@
 (``--rehearse``: the same parts on the CPU at tiny sizes, the CUDA-only ones reported as skipped).
 
 Parts, in this order, each a subprocess with its own time budget (seconds, on an H100/H200-class node;
-``rest``: what is left of the whole check's ``--deadline``, 450 s by default):
+``rest``: what is left of the whole check's ``--deadline``, 460 s by default):
 
 ==================  ======  =====================================================================
 part                budget  what it runs
 ==================  ======  =====================================================================
 environment             40  versions, the GPU, the CPU cores, the JPEG decoder; that the check's
                             modules import none of mlflow, submitit, snakemake, pycocotools
-cuda-tests              45  ``pytest -m cuda`` on the test files holding CUDA-marked tests
-methods-eager          100  ``bench.py --gpu`` methods: ResNet-50, 224 px, K = 65536, batch 256,
+cuda-tests              40  ``pytest -m cuda`` on the test files holding CUDA-marked tests
+methods-eager           90  ``bench.py --gpu`` methods: ResNet-50, 224 px, K = 65536, batch 256,
                             bf16 + channels_last: MoCo, MoCo + FT, MoCo + FT + score recording
                             and the supervised step (the speed-of-light reference), paired rounds
-data                    40  a generated ImageFolder of JPEGs with ImageNet's sizes (all cores)
-loader                  30  ftcl's ``imagefolder`` loader (``data.decode: fast``) with every CPU
+data                    35  a generated ImageFolder of JPEGs with ImageNet's sizes (all cores)
+loader                  25  ftcl's ``imagefolder`` loader (``data.decode: fast``) with every CPU
                             core as a worker, batches of 256 copied to the GPU: images/s
-pretrain                75  ``ftcl pretrain``, two epochs, ResNet-50 MoCo v2 + FT, bf16, on the
+loader-gpu              25  the same loader with ``data.decode: gpu``: the workers read bytes and
+                            draw the crops, the GPU decodes (nvJPEG) and crops: images/s
+pretrain                50  ``ftcl pretrain``, two epochs, ResNet-50 MoCo v2 + FT, bf16, on the
                             generated ImageFolder, tracking off (no MLflow, Snakemake, launcher)
-methods-compile       rest  the methods part with ``torch.compile``: compile time (first round
-                            minus a steady round) apart from steady-state images/s
+smoke                   75  the IN-100 paper config (``config/paper/imagenet100_mocov2.yaml``) in
+                            smoke mode, its ``+ft`` row's stage commands as the pipeline resolves
+                            them: ``ftcl pretrain``, ``ftcl linear``, ``ftcl knn`` on the ImageFolder
+                            smoke mode generates, tracking off
+methods-compile       rest  the methods part with ``torch.compile`` (MoCo and MoCo + FT): compile
+                            time (first round minus a steady round) apart from steady-state images/s
 ==================  ======  =====================================================================
 
 A part that runs past its budget is killed with its process group (loader workers, compile
@@ -58,9 +64,16 @@ sys.path.insert(0, str(BENCH))
 #: packages the check must never need: the pipeline's, not a training run's
 NOT_NEEDED = ("mlflow", "submitit", "snakemake", "pycocotools")
 #: the modules the check's parts import (bench.py and jpeg.py are imported by path)
-CHECK_MODULES = ("ftcl.cli", "ftcl.config", "ftcl.stages", "ftcl.train", "ftcl.tracking", "ftcl.data.datasets",
-                 "ftcl.data.jpeg", "ftcl.methods", "ftcl.scores", "ftcl.results.stats", "bench", "jpeg")
+CHECK_MODULES = ("ftcl.cli", "ftcl.config", "ftcl.pipeline", "ftcl.stages", "ftcl.train", "ftcl.tracking",
+                 "ftcl.data.datasets", "ftcl.data.jpeg", "ftcl.methods", "ftcl.scores", "ftcl.results.stats",
+                 "bench", "jpeg")
 BENCH_VARIANTS = "moco+ft,moco+ft+scores,supervised"  # moco is always timed
+COMPILE_VARIANTS = "moco+ft"  # compiling each variant takes a while: MoCo and MoCo + FT
+#: the paper config the smoke part runs, its row, and its stages (detection needs pycocotools-free VOC
+#: data and minutes of its own: the pipeline's smoke test on the CPU covers it)
+SMOKE_CONFIG = REPO / "config" / "paper" / "imagenet100_mocov2.yaml"
+SMOKE_ROW = "+ft"
+SMOKE_STAGES = ("pretrain", "linear", "knn")
 
 
 @dataclass
@@ -74,6 +87,7 @@ class Sizes:
     loader_batches: int
     loader_seconds: float
     pretrain: list[str]  # --set overrides
+    smoke: dict  # run-config defaults set on the smoke part's paper config (the rehearsal's smaller model)
     deadline: float  # the whole check, seconds
     budgets: dict[str, float] = field(default_factory=dict)
 
@@ -85,9 +99,10 @@ GPU = Sizes(
     loader_batch=256, loader_batches=40, loader_seconds=15.0,
     pretrain=["device=cuda", "data.image_size=224", "model.backbone=resnet50", "method.queue_size=65536",
               "optim.batch_size=256", "optim.amp=true", "optim.channels_last=true", "log_every=5"],
-    deadline=450.0,
-    budgets={"environment": 40, "cuda-tests": 45, "methods-eager": 100, "data": 40, "loader": 30, "pretrain": 75,
-             "methods-compile": math.inf},
+    smoke={"device": "cuda"},
+    deadline=460.0,
+    budgets={"environment": 40, "cuda-tests": 40, "methods-eager": 90, "data": 35, "loader": 25, "loader-gpu": 25,
+             "pretrain": 50, "smoke": 75, "methods-compile": math.inf},
 )
 REHEARSAL = Sizes(
     files=24,
@@ -97,17 +112,21 @@ REHEARSAL = Sizes(
     pretrain=["device=cpu", "data.image_size=32", "model.backbone=resnet18", "model.width=8",
               "model.small_stem=true", "model.feature_dim=16", "method.queue_size=64", "optim.batch_size=16",
               "log_every=1"],
-    deadline=900.0,
+    smoke={"device": "cpu", "model": {"backbone": "resnet18", "width": 8, "small_stem": True, "feature_dim": 16},
+           "method": {"queue_size": 64}, "data": {"image_size": 32}},
+    deadline=1200.0,
     budgets={"environment": 120, "cuda-tests": 180, "methods-eager": 180, "data": 120, "loader": 120,
-             "pretrain": 240, "methods-compile": 60},
+             "loader-gpu": 120, "pretrain": 240, "smoke": 300, "methods-compile": 60},
 )
-PARTS = ("environment", "cuda-tests", "methods-eager", "data", "loader", "pretrain", "methods-compile")
+PARTS = ("environment", "cuda-tests", "methods-eager", "data", "loader", "loader-gpu", "pretrain", "smoke",
+         "methods-compile")
 #: parts that have no CPU fallback: reported as skipped in a rehearsal (cuda-tests still runs there:
 #: collecting the test files in the image's environment is worth checking; every test skips itself)
 CUDA_ONLY = ("methods-compile",)
 TITLES = {"environment": "environment", "cuda-tests": "CUDA-marked tests (pytest -m cuda)",
           "methods-eager": "methods, eager (bench.py)", "data": "generated ImageFolder",
-          "loader": "JPEG loader, every core", "pretrain": "ftcl pretrain, 2 epochs",
+          "loader": "JPEG loader, every core", "loader-gpu": "JPEG loader, decode on the device",
+          "pretrain": "ftcl pretrain, 2 epochs", "smoke": "IN-100 paper config, smoke mode, +ft row",
           "methods-compile": "methods, torch.compile (bench.py --compile)"}
 
 
@@ -185,9 +204,10 @@ def _write_chunk(sub: Path, n: int, seed: int) -> dict:
     return write_folder(sub, n, seed=seed)
 
 
-def part_loader(root: Path, batch: int, batches: int, seconds: float, out: Path) -> int:
-    """images/s of the loader a pretraining builds (``ftcl.train``'s, ``data.decode: fast``) with every
-    core as a worker, each batch copied to the device; the workers' start and first batches excluded."""
+def part_loader(root: Path, batch: int, batches: int, seconds: float, out: Path, decode: str = "fast") -> int:
+    """images/s of the loader a pretraining builds (``ftcl.train``'s, ``data.decode: decode``) with every
+    core as a worker, each batch copied to the device (``gpu``: decoded there); the workers' start and
+    first batches excluded."""
     import torch
 
     from ftcl import config
@@ -198,7 +218,7 @@ def part_loader(root: Path, batch: int, batches: int, seconds: float, out: Path)
     workers = _cpus()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config.resolve(overrides={"data.dataset": "imagefolder", "data.root": str(root), "data.image_size": 224,
-                                    "data.decode": "fast", "data.num_workers": workers, "optim.batch_size": batch,
+                                    "data.decode": decode, "data.num_workers": workers, "optim.batch_size": batch,
                                     "tracking.enabled": False})
     data = build_dataset(cfg.data, "train", "pretrain", crop_scale=cfg.augment.crop_scale)
     loader = _loader(data, workers, config.batch_layout(cfg), device, 0)
@@ -221,10 +241,59 @@ def part_loader(root: Path, batch: int, batches: int, seconds: float, out: Path)
     _sync(device)
     rate = n / (time.perf_counter() - start)
     info = {"images_per_s": rate, "workers": workers, "batch": batch, "images": n, "epochs": epochs,
-            "files": len(data), "decoder": decoder(), "device": str(device)}
-    print(f"loader: {rate:.0f} images/s ({n} images in batches of {batch}, {workers} workers, {len(data)} files, "
-          f"{epochs} epoch(s), to {device}); decoder: {info['decoder']}")
-    _write_json(out / "loader.json", info)
+            "files": len(data), "decode": decode, "decoder": decoder(), "device": str(device)}
+    print(f"loader (decode {decode}): {rate:.0f} images/s ({n} images in batches of {batch}, {workers} workers, "
+          f"{len(data)} files, {epochs} epoch(s), to {device}); decoder: {info['decoder']}")
+    _write_json(out / ("loader.json" if decode == "fast" else f"loader-{decode}.json"), info)
+    return 0
+
+
+def part_smoke(out: Path, work: Path, defaults: dict) -> int:
+    """:data:`SMOKE_CONFIG` in smoke mode (:mod:`ftcl.pipeline.smoke`: the data generated under ``work``),
+    tracking off, ``defaults`` on top of its defaults; :data:`SMOKE_ROW`'s run config as the pipeline
+    resolves it, run through the stage commands a job runs (``ftcl pretrain``/``linear``/``knn
+    --config``), one process each; their seconds and results into ``smoke.json``."""
+    import yaml
+
+    from ftcl import pipeline
+    from ftcl.config import resolved
+    from ftcl.config.merge import deep_merge
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load(SMOKE_CONFIG.read_text())
+    cfg["results_dir"] = str(work / "results")
+    cfg["defaults"]["data"]["root"] = str(work / "no-dataset-here")  # smoke mode generates an ImageFolder
+    cfg["defaults"]["data"]["class_list"] = str(REPO / cfg["defaults"]["data"]["class_list"])
+    cfg["defaults"] = deep_merge(cfg["defaults"], {"tracking": {"enabled": False}, **defaults})
+    cfg["stages"] = list(SMOKE_STAGES)
+    cfg["smoke"] = True
+    start = time.monotonic()
+    loaded = pipeline.load(cfg)
+    run_cfg = loaded.run_configs[SMOKE_ROW]
+    world = pipeline.stage_world(loaded.config, "pretrain")
+    config_file = resolved.write(run_cfg, work / "smoke" / "configs" / "pretrain.yaml", world)
+    info: dict = {"config": str(SMOKE_CONFIG.relative_to(REPO)), "row": SMOKE_ROW, "world": world,
+                  "plan_s": time.monotonic() - start, "stages": {}}
+    print(f"[smoke] planned {info['config']} in smoke mode ({info['plan_s']:.1f} s, data generated): row "
+          f"{SMOKE_ROW}, {run_cfg.model.backbone}, {run_cfg.optim.epochs} epochs, batch {run_cfg.optim.batch_size}, "
+          f"{run_cfg.data.train_subset} images at {run_cfg.data.image_size} px, world {world}", flush=True)
+    if world != 1:
+        raise SystemExit(f"smoke: the capped pretraining has {world} processes; the check runs one")
+    run = work / "smoke" / "run"
+    for stage in SMOKE_STAGES:
+        cmd = [sys.executable, "-m", "ftcl.cli", stage, "--config", str(config_file), "--out", str(run / stage)]
+        if stage != "pretrain":
+            cmd += ["--checkpoint", str(run / "pretrain")]
+        print("$ " + " ".join(cmd), flush=True)
+        began = time.monotonic()
+        rc = subprocess.run(cmd).returncode
+        info["stages"][stage] = {"seconds": time.monotonic() - began, "exit": rc}
+        if rc:
+            _write_json(out / "smoke.json", info)
+            return rc
+        result = _load(run / stage / f"{stage}.json") or {}
+        info["stages"][stage]["result"] = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    _write_json(out / "smoke.json", info)
     return 0
 
 
@@ -321,13 +390,18 @@ def commands(part: str, sizes: Sizes, out: Path, root: Path, pretrain_dir: Path)
         return [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *cuda_test_files()]
     if part in ("methods-eager", "methods-compile"):
         extra = sizes.bench_compile if part == "methods-compile" else sizes.bench
-        return [py, str(BENCH / "bench.py"), "--sections", "methods", "--only", BENCH_VARIANTS,
+        variants = COMPILE_VARIANTS if part == "methods-compile" else BENCH_VARIANTS
+        return [py, str(BENCH / "bench.py"), "--sections", "methods", "--only", variants,
                 "--results", str(out / "results"), *extra]
     if part == "data":
         return [py, me, "--part", part, "--out", str(out), "--root", str(root), "--files", str(sizes.files)]
-    if part == "loader":
-        return [py, me, "--part", part, "--out", str(out), "--root", str(root), "--batch", str(sizes.loader_batch),
-                "--batches", str(sizes.loader_batches), "--seconds", str(sizes.loader_seconds)]
+    if part in ("loader", "loader-gpu"):
+        return [py, me, "--part", "loader", "--out", str(out), "--root", str(root), "--batch", str(sizes.loader_batch),
+                "--batches", str(sizes.loader_batches), "--seconds", str(sizes.loader_seconds),
+                "--decode", "gpu" if part == "loader-gpu" else "fast"]
+    if part == "smoke":
+        return [py, me, "--part", part, "--out", str(out), "--root", str(root.parent / "smoke-work"),
+                "--smoke-defaults", json.dumps(sizes.smoke)]
     if part == "pretrain":
         return [py, "-m", "ftcl.cli", "pretrain", "--out", str(pretrain_dir), "--set", "data.dataset=imagefolder",
                 f"data.root={root}", "data.decode=fast", f"data.num_workers={_cpus()}", "optim.epochs=2",
@@ -374,9 +448,18 @@ def part_result(part: str, out: Path, log: Path, gpu: bool) -> str:
         return text
     if part == "data" and (d := _load(out / "data.json")):
         return f"{d['files']} JPEGs, {d['mean_kb']:.0f} KB mean, {d['processes']} processes"
-    if part == "loader" and (d := _load(out / "loader.json")):
-        return (f"{d['images_per_s']:.0f} images/s ({d['workers']} workers, batch {d['batch']}, to {d['device']}; "
-                f"{d['decoder'].split(',')[0]})")
+    if part in ("loader", "loader-gpu") and (d := _load(out / ("loader.json" if part == "loader"
+                                                                   else "loader-gpu.json"))):
+        return (f"{d['images_per_s']:.0f} images/s ({d['workers']} workers, batch {d['batch']}, decode {d['decode']} "
+                f"to {d['device']}; {d['decoder'].split(',')[0]})")
+    if part == "smoke" and (d := _load(out / "smoke.json")) and d["stages"]:
+        done = []
+        for stage, r in d["stages"].items():
+            score = {"linear": "top1", "knn": "top1"}.get(stage)
+            value = r.get("result", {}).get(score) if score else None
+            done.append(f"{stage} {r['seconds']:.0f} s" + (f" (top-1 {value:.1f})" if value is not None else "")
+                        + ("" if not r["exit"] else f" exit {r['exit']}"))
+        return f"{d['row']}, world {d['world']}: planned {d['plan_s']:.0f} s, " + ", ".join(done)
     text = log.read_text(errors="replace") if log.exists() else ""
     if part.startswith("methods"):  # no result file: killed or failed; the first rounds it printed
         first = [line.split("] ", 1)[1].split(" (")[0] for line in text.splitlines()
@@ -436,6 +519,11 @@ def goals(out: Path, gpu: bool) -> list[tuple[str, str, str]]:
                      "met" if ratio >= 1 else "not met"))
     else:
         rows.append(("loader images/s >= training step images/s", "not measured", "not measured"))
+    on_device = _load(out / "loader-gpu.json")
+    if loader and on_device:
+        rows.append(("decode: gpu against decode: fast (loader images/s, every CPU core)",
+                     f"{on_device['images_per_s']:.0f} / {loader['images_per_s']:.0f} = "
+                     f"{on_device['images_per_s'] / loader['images_per_s']:.2f}", "measured (no goal)"))
     return rows
 
 
@@ -510,7 +598,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 code = 2
             elif part in CUDA_ONLY and not cuda:
                 status[part] = {"status": "skipped: no CUDA", "result": "", "secs": None}
-            elif part in ("loader", "pretrain") and status.get("data", {}).get("status") != "ok":
+            elif part in ("loader", "loader-gpu", "pretrain") and status.get("data", {}).get("status") != "ok":
                 status[part] = {"status": "skipped: no generated data", "result": "", "secs": None}
             elif left < 5:
                 status[part] = {"status": "skipped: the check's deadline passed", "result": "", "secs": None}
@@ -557,7 +645,9 @@ def main() -> int:
                         help="on the CPU at tiny sizes: every part that does not need CUDA, the rest skipped")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole check (default 450; a rehearsal 900)")
-    parser.add_argument("--part", choices=("environment", "data", "loader"), help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("environment", "data", "loader", "smoke"), help=argparse.SUPPRESS)
+    parser.add_argument("--decode", default="fast", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke-defaults", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--files", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -570,7 +660,9 @@ def main() -> int:
     if args.part == "data":
         return part_data(args.root, args.files, out)
     if args.part == "loader":
-        return part_loader(args.root, args.batch, args.batches, args.seconds, out)
+        return part_loader(args.root, args.batch, args.batches, args.seconds, out, args.decode)
+    if args.part == "smoke":
+        return part_smoke(out, args.root, json.loads(args.smoke_defaults))
     return orchestrate(args)
 
 

@@ -157,6 +157,7 @@ def test_the_summary_lists_every_part_and_judges_the_goals(tmp_path):
                "moco+ft/supervised": [0.74, 0.72, 0.76]}
     (tmp_path / "results" / "methods-gpu.json").write_text(json.dumps({"results": methods}))
     (tmp_path / "loader.json").write_text(json.dumps({"images_per_s": 3900.0}))
+    (tmp_path / "loader-gpu.json").write_text(json.dumps({"images_per_s": 7800.0}))
     status = {"environment": {"status": "ok", "result": "torch", "secs": 9.0},
               "methods-eager": {"status": "timed out after 100 s", "result": "", "secs": 100.0}}
     text = gpu_check.write_summary(tmp_path, status, gpu_check.GPU, False, time.monotonic(), "header", final=True)
@@ -165,8 +166,11 @@ def test_the_summary_lists_every_part_and_judges_the_goals(tmp_path):
     assert "| cuda-tests: CUDA-marked tests (pytest -m cuda) | not reached |" in text
     assert "timed out after 100 s" in text
     goals = {row["goal"]: row for row in json.loads((tmp_path / "summary.json").read_text())["goals"]}
-    assert [g["verdict"] for g in goals.values()] == ["eager: met", "eager: met", "eager: undecided", "met"]
+    assert [g["verdict"] for g in goals.values()] == ["eager: met", "eager: met", "eager: undecided", "met",
+                                                      "measured (no goal)"]
     assert "3900 / 2600 (MoCo + FT, eager) = 1.50" in goals["loader images/s >= training step images/s"]["measured"]
+    decode = goals["decode: gpu against decode: fast (loader images/s, every CPU core)"]["measured"]
+    assert decode == "7800 / 3900 = 2.00"
     assert (tmp_path / "summary.md").read_text() == text
 
 
@@ -236,12 +240,17 @@ def test_the_rehearsal_runs_in_the_images_environment(tmp_path):
     assert list(parts) == list(gpu_check.PARTS)
     assert {p: s["status"] for p, s in parts.items()} == {
         "environment": "ok", "cuda-tests": "skipped: no CUDA", "methods-eager": "ok", "data": "ok", "loader": "ok",
-        "pretrain": "ok", "methods-compile": "skipped: no CUDA"}
+        "loader-gpu": "ok", "pretrain": "ok", "smoke": "ok", "methods-compile": "skipped: no CUDA"}
     env = json.loads((out / "environment.json").read_text())
     assert env["imported_not_needed"] == [] and env["installed_not_needed"] == []
     assert env["decoder"].startswith("TurboJPEG") and env["jsonschema"] == dict(pins())["jsonschema"]
     assert "2 skipped" in parts["cuda-tests"]["result"]
     assert (out / "pretrain" / "pretrain.json").exists() and not (out / "pretrain" / "checkpoints").exists()
+    assert json.loads((out / "loader-gpu.json").read_text())["decode"] == "gpu"  # the CPU decode stands in
+    smoke = json.loads((out / "smoke.json").read_text())  # the IN-100 paper config's stage commands, smoke mode
+    assert smoke["row"] == "+ft" and list(smoke["stages"]) == ["pretrain", "linear", "knn"]
+    assert all(s["exit"] == 0 for s in smoke["stages"].values())
+    assert 0 <= smoke["stages"]["knn"]["result"]["top1"] <= 100
     for part in gpu_check.PARTS:
         if part != "methods-compile":
             assert (out / f"{part}.log").stat().st_size > 0
