@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from ftcl.config import ConfigError
 from ftcl.config.types import DetectionScenes
+from ftcl.detection.voc_xml import voc_xml
 
 SCENES_YEAR = "2007"
 SCENES_MANIFEST = "scenes.json"
@@ -99,27 +99,6 @@ def _free_place(side: int, canvas: int, taken: Sequence[tuple[int, int, int, int
     return None
 
 
-def voc_xml(filename: str, width: int, height: int, depth: int,
-            objects: Sequence[tuple[str, tuple[int, int, int, int]]]) -> str:
-    """A Pascal VOC annotation document; boxes are continuous xyxy, written 1-based inclusive."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = f"VOC{SCENES_YEAR}"
-    ET.SubElement(root, "filename").text = filename
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", width), ("height", height), ("depth", depth)):
-        ET.SubElement(size, key).text = str(value)
-    ET.SubElement(root, "segmented").text = "0"
-    for name, (x1, y1, x2, y2) in objects:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = name
-        ET.SubElement(obj, "difficult").text = "0"
-        bnd = ET.SubElement(obj, "bndbox")
-        for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-            ET.SubElement(bnd, key).text = str(value)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode") + "\n"
-
-
 def compose_scenes(source: Sequence, class_names: Sequence[str], folder: str | Path, spec: SceneSpec) -> Path:
     """Write a multi-object detection set in VOC layout under ``folder/VOCdevkit/VOC2007``.
 
@@ -177,7 +156,8 @@ def _write_scenes(source: Sequence, class_names: Sequence[str], voc: Path, spec:
             scene_id = f"{split}_{k:06d}"
             _write_png(image, voc / "JPEGImages" / f"{scene_id}.png")
             (voc / "Annotations" / f"{scene_id}.xml").write_text(
-                voc_xml(f"{scene_id}.png", spec.canvas, spec.canvas, image.shape[0], objects))
+                voc_xml(f"{scene_id}.png", spec.canvas, spec.canvas, objects, depth=image.shape[0],
+                        folder=f"VOC{SCENES_YEAR}"))
             ids.append(scene_id)
         (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ftcl.detection.voc_xml import voc_xml
 from ftcl.errors import ConfigError
 
 #: written in each generated data folder, last: what it holds (a folder whose manifest matches is kept)
@@ -161,27 +162,6 @@ def detection_images(rng, classes: Sequence[str], count: int, prefix: str, image
         (annotations / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", width, height, objects))
         ids.append(image_id)
     return ids
-
-
-def voc_xml(filename: str, width: int, height: int, objects: Sequence[tuple[str, tuple[int, int, int, int]]]) -> str:
-    """A Pascal VOC annotation of an RGB image; boxes are 0-based xyxy, written 1-based inclusive (as
-    :func:`ftcl.detection.scenes.voc_xml`, which would import torch while Snakemake plans)."""
-    import xml.etree.ElementTree as ET
-
-    root = ET.Element("annotation")
-    ET.SubElement(root, "filename").text = filename
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, key).text = str(value)
-    for name, (x1, y1, x2, y2) in objects:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = name
-        ET.SubElement(obj, "difficult").text = "0"
-        box = ET.SubElement(obj, "bndbox")
-        for key, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-            ET.SubElement(box, key).text = str(value)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode") + "\n"
 
 
 def write_voc(folder: Path, spec: Mapping) -> None:
