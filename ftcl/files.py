@@ -1,5 +1,6 @@
-"""Files that are never left half-written: every result, config, marker and checkpoint ftcl writes
-goes through :func:`replacing`.
+"""Files and folders that are never left half-written: every result, config, marker and checkpoint
+ftcl writes goes through :func:`replacing`; generated data folders (composed scenes, a smoke run's
+data) through :func:`folder_once`.
 
 The data is written to a temporary file in the target's folder, flushed and fsync'ed, then renamed
 over the target (``os.replace`` is atomic on POSIX), and the folder is fsync'ed so the rename itself
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,48 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON to ``path``, atomically."""
     return write_text(path, json.dumps(data, indent=2))
+
+
+def manifest_matches(folder: str | Path, manifest_name: str, manifest: Any) -> bool:
+    """Whether ``folder/manifest_name`` holds ``manifest`` (as JSON)."""
+    path = Path(folder) / manifest_name
+    try:
+        return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(manifest))
+    except ValueError:
+        return False
+
+
+def folder_once(folder: str | Path, manifest_name: str, manifest: Any, write: Callable[[Path], None],
+                replace_other: bool = False) -> Path:
+    """``folder`` as ``write(tmp)`` fills it, written once: when ``folder/manifest_name`` already holds
+    ``manifest`` nothing is written. Otherwise ``write`` fills a temporary sibling, the manifest goes in
+    last, and the sibling is renamed into place, so a concurrent writer or a kill never leaves a folder
+    with a matching manifest half-written. A folder that exists without a matching manifest (another
+    setting's, or an unfinished one) is replaced when ``replace_other``, else left alone with a
+    ``FileExistsError``."""
+    folder = Path(folder)
+    if manifest_matches(folder, manifest_name, manifest):
+        return folder
+    if folder.exists() and not replace_other:
+        raise FileExistsError(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        (tmp / manifest_name).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if manifest_matches(folder, manifest_name, manifest):  # another writer finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not manifest_matches(folder, manifest_name, manifest):
+            raise
+    return folder

@@ -6,10 +6,7 @@ onto noisy canvases and writes each scene's PNG and VOC XML (1-based inclusive p
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from torch import Tensor
 from ftcl.config import ConfigError
 from ftcl.config.types import DetectionScenes
 from ftcl.detection.voc_xml import voc_xml
+from ftcl.files import folder_once
 
 SCENES_YEAR = "2007"
 SCENES_MANIFEST = "scenes.json"
@@ -113,27 +111,13 @@ def compose_scenes(source: Sequence, class_names: Sequence[str], folder: str | P
     """
     folder = Path(folder)
     manifest = {"spec": asdict(spec), "classes": list(class_names), "items": len(source)}
-    if _manifest_matches(folder, manifest):
-        return folder
-    if folder.exists():
-        raise ConfigError(f"scenes folder {folder} exists but was not composed with these settings "
-                          f"({manifest['spec']}); delete it or set detection.scenes.folder")
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_scenes(source, class_names, tmp / "VOCdevkit" / f"VOC{SCENES_YEAR}", spec)
-    (tmp / SCENES_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _manifest_matches(folder, manifest):
-            raise
-    return folder
-
-
-def _manifest_matches(folder: Path, manifest: Mapping) -> bool:
-    path = folder / SCENES_MANIFEST
-    return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(manifest))
+        return folder_once(folder, SCENES_MANIFEST, manifest,
+                           lambda tmp: _write_scenes(source, class_names, tmp / "VOCdevkit" / f"VOC{SCENES_YEAR}",
+                                                     spec))
+    except FileExistsError:
+        raise ConfigError(f"scenes folder {folder} exists but was not composed with these settings "
+                          f"({manifest['spec']}); delete it or set detection.scenes.folder") from None
 
 
 def _write_scenes(source: Sequence, class_names: Sequence[str], voc: Path, spec: SceneSpec) -> None:

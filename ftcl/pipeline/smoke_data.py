@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ftcl.detection.voc_xml import voc_xml
 from ftcl.errors import ConfigError
+from ftcl.files import folder_once
 
 #: written in each generated data folder, last: what it holds (a folder whose manifest matches is kept)
 MANIFEST = "smoke-data.json"
@@ -35,42 +34,13 @@ CIFAR_LAYOUT = {
 
 
 def materialise(data_dir: Path, spec: Mapping, write: Callable[[Path, Mapping], None], generate: bool) -> Path:
-    """The folder of ``spec`` under ``data_dir`` (``<kind>-<digest of spec>``), written by ``write`` when
-    ``generate`` and its manifest does not match: in a temporary sibling renamed into place, so a
-    concurrent planner or a kill never leaves a half-written folder behind a matching manifest."""
+    """The folder of ``spec`` under ``data_dir`` (``<kind>-<digest of spec>``), written by ``write`` once
+    when ``generate`` (:func:`ftcl.files.folder_once`: an unfinished folder is written again)."""
     text = json.dumps(spec, sort_keys=True)
     folder = data_dir / f"{spec['kind']}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-    if not generate or _manifest_matches(folder, spec):
+    if not generate:
         return folder
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp, spec)
-        (tmp / MANIFEST).write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _manifest_matches(folder, spec):  # another planner finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return folder
-    if folder.exists():  # an earlier, unfinished write (no matching manifest)
-        shutil.rmtree(folder)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _manifest_matches(folder, spec):
-            raise
-    return folder
-
-
-def _manifest_matches(folder: Path, spec: Mapping) -> bool:
-    path = folder / MANIFEST
-    try:
-        return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(spec))
-    except ValueError:
-        return False
+    return folder_once(folder, MANIFEST, spec, lambda tmp: write(tmp, spec), replace_other=True)
 
 
 def _class_colour(index: int, count: int):
